@@ -1,0 +1,45 @@
+"""A character-level tokenizer built locally, for the embedded default and the tests.
+
+It is saved with `save_pretrained` and loaded back with `AutoTokenizer.from_pretrained`, the same
+path a real model's tokenizer takes, so nothing downstream knows it is a toy. Character level
+matters for the demo: arithmetic is learnable quickly when every digit is its own token.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+# A minimal ChatML-style template so the `chat` data format works with this tokenizer too.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """Return a tokenizer with one token per printable ASCII character plus 4 special tokens."""
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS.values(), *chars])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    # `[\s\S]` rather than `.` so that newlines become tokens too.
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, **SPECIAL_TOKENS)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def save_char_tokenizer(directory: str | Path) -> Path:
+    """Build the character tokenizer and save it in HF format under `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    build_char_tokenizer().save_pretrained(directory)
+    return directory

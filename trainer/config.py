@@ -1,0 +1,352 @@
+"""Typed, documented run configuration: one YAML file plus `section.key=value` overrides.
+
+Every field is declared once here with its type, default and meaning. `load_config` reports every
+problem in one `ConfigError` whose lines each name a key; nothing distributed starts before it
+passes. Derived numbers (accumulation, global batch, total and warmup steps) are computed once in
+`resolve` and checked to divide.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from data.config import DataConfig
+from trainer.config_base import Section
+
+
+class ConfigError(ValueError):
+    """A run configuration is invalid. `problems` holds one line per problem, each naming a key."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid configuration{where} ({len(problems)} problem(s)):\n{lines}")
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        ..., description="Hub id or local directory of any HF causal LM (AutoModelForCausalLM)."
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer hub id or directory; defaults to `model.name_or_path`."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="dtype the weights are loaded and kept in. Mixed precision is `train.precision`.",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to from_pretrained."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow code shipped with the model repo to run. Off unless you say so."
+    )
+
+
+class TrainConfig(Section):
+    backend: Literal["ddp"] = Field("ddp", description="How the model is distributed.")
+    micro_batch_size: int = Field(8, ge=1, description="Samples per forward/backward per rank.")
+    grad_accum_steps: int | None = Field(
+        None, ge=1, description="Micro-steps per optimizer step. Give this or global_batch_size."
+    )
+    global_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Samples per optimizer step over all ranks; must equal micro batch x "
+        "accumulation x world size.",
+    )
+    max_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps to run. Give this or num_epochs."
+    )
+    num_epochs: float | None = Field(None, gt=0, description="Epochs to run, if max_steps unset.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Global-norm clipping threshold; null disables clipping."
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto = bf16 autocast on GPU, fp32 on CPU."
+    )
+    max_consecutive_nonfinite: int = Field(
+        5,
+        ge=1,
+        description="Stop the run after this many optimizer steps in a row were skipped for a "
+        "non-finite loss or gradient norm.",
+    )
+
+
+class OptimConfig(Section):
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW weight decay; never applied to biases and norm weights."
+    )
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+
+
+class ScheduleConfig(Section):
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Linear warmup from 0 to lr over this many steps."
+    )
+    warmup_ratio: float | None = Field(
+        None, ge=0, le=1, description="Warmup as a share of the total steps (instead of steps)."
+    )
+    decay: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Shape of the decay after warmup."
+    )
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="The floor the decay ends at, as a share of the peak lr."
+    )
+
+
+class EvalConfig(Section):
+    every_steps: int | None = Field(
+        None, ge=1, description="Evaluate every N optimizer steps (and always at the end)."
+    )
+    max_batches: int | None = Field(None, ge=1, description="Cap eval batches per rank.")
+    num_generate: int = Field(
+        0, ge=0, description="Eval samples scored by greedy generation (exact-match accuracy)."
+    )
+    max_new_tokens: int = Field(16, ge=1, description="Generation length for the accuracy eval.")
+
+
+class LoggingConfig(Section):
+    every_steps: int = Field(10, ge=1, description="Log a line / write metrics every N steps.")
+    tensorboard: bool = Field(True, description="Write TensorBoard event files.")
+    progress_bar: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto = a bar when stderr is a terminal, log lines otherwise."
+    )
+
+
+class OutputConfig(Section):
+    save_hf_model: bool = Field(True, description="Save an HF-format model at the end.")
+
+
+class RunConfig(Section):
+    run_dir: str = Field("runs/default", description="Where logs, checkpoints and the model go.")
+    seed: int = Field(1234, description="One seed for model init, data order and dropout.")
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
+    output: OutputConfig = OutputConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML + overrides -> validated RunConfig, with every problem reported at once.
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        full = f"{prefix}{name}"
+        keys.append(full)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, f"{full}."))
+    return keys
+
+
+def _suggest(key: str) -> str:
+    known = _known_keys(RunConfig)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not close:
+        # Try the leaf name against leaves in the same section.
+        leaf = key.rsplit(".", 1)[-1]
+        section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        leaves = [k.rsplit(".", 1)[-1] for k in known if k.startswith(section) and k != section]
+        leaf_close = difflib.get_close_matches(leaf, leaves, n=1, cutoff=0.6)
+        close = [section + leaf_close[0]] if leaf_close else []
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _format_validation_error(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            problems.append(f"{key}: unknown key{_suggest(key)}")
+        elif e["type"] == "missing":
+            problems.append(f"{key}: required but not set")
+        else:
+            given = e.get("input")
+            shown = "" if isinstance(given, dict) else f" (got {given!r})"
+            problems.append(f"{key}: {e['msg']}{shown}")
+    return problems
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError([f"{dotted}: '{part}' is a value, not a section"])
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Parse `section.key=value` strings; values are read as YAML (so 3, 1e-4, true, [1,2])."""
+    parsed, problems = [], []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"{item!r}: an override must look like section.key=value")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    if problems:
+        raise ConfigError(problems, "command-line overrides")
+    return parsed
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read the YAML at `path`, apply overrides, validate. Raises ConfigError listing every problem."""
+    tree: dict[str, Any] = {}
+    source = str(path) if path else "overrides"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"config file not found: {path}"], source)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}" if mark else "unknown line"
+            raise ConfigError([f"{path}:{where}: not valid YAML ({e})"], source) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError([f"{path}: the top level must be a mapping of sections"], source)
+        tree = loaded or {}
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    try:
+        cfg = RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err), source) from None
+    problems = check_consistency(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def check_consistency(cfg: RunConfig) -> list[str]:
+    """Cross-field rules that no single field's type can express."""
+    problems = []
+    t, s = cfg.train, cfg.schedule
+    if t.max_steps is None and t.num_epochs is None:
+        problems.append("train.max_steps / train.num_epochs: set one of them")
+    if t.max_steps is not None and t.num_epochs is not None:
+        problems.append("train.max_steps / train.num_epochs: set only one of them")
+    if t.grad_accum_steps is None and t.global_batch_size is None:
+        problems.append("train.grad_accum_steps / train.global_batch_size: set at least one")
+    if s.warmup_steps is not None and s.warmup_ratio is not None:
+        problems.append("schedule.warmup_steps / schedule.warmup_ratio: set only one of them")
+    if cfg.eval.num_generate and not cfg.data.eval_path:
+        problems.append("eval.num_generate: needs data.eval_path")
+    if cfg.eval.every_steps and not cfg.data.eval_path:
+        problems.append("eval.every_steps: needs data.eval_path")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived numbers, computed in one place.
+
+
+class Derived(BaseModel):
+    """Numbers that follow from the config and the world size; see `resolve`."""
+
+    world_size: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    global_batch_size: int
+    # Filled in once the dataset size is known (`with_total_steps`).
+    total_steps: int | None = None
+    warmup_steps: int | None = None
+    steps_per_epoch: int | None = None
+
+
+def resolve_batch(cfg: RunConfig, world_size: int) -> Derived:
+    """Compute accumulation and global batch for `world_size`; raise ConfigError if they don't divide."""
+    t = cfg.train
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size is not None:
+        if t.global_batch_size % per_step:
+            raise ConfigError(
+                [
+                    f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                    f"train.micro_batch_size={t.micro_batch_size} x world size {world_size} "
+                    f"= {per_step}; pick a global batch that is a multiple of {per_step}"
+                ]
+            )
+        accum = t.global_batch_size // per_step
+        if t.grad_accum_steps is not None and t.grad_accum_steps != accum:
+            raise ConfigError(
+                [
+                    f"train.grad_accum_steps={t.grad_accum_steps} disagrees with "
+                    f"train.global_batch_size={t.global_batch_size} at world size {world_size} "
+                    f"(which needs {accum}); set only one of them"
+                ]
+            )
+    else:
+        assert t.grad_accum_steps is not None  # guaranteed by check_consistency
+        accum = t.grad_accum_steps
+    return Derived(
+        world_size=world_size,
+        micro_batch_size=t.micro_batch_size,
+        grad_accum_steps=accum,
+        global_batch_size=per_step * accum,
+    )
+
+
+def with_total_steps(cfg: RunConfig, derived: Derived, num_train_samples: int | None) -> Derived:
+    """Fill total/warmup steps once the number of training samples is known (None: streaming)."""
+    steps_per_epoch = None
+    if num_train_samples is not None:
+        steps_per_epoch = num_train_samples // derived.global_batch_size
+        if steps_per_epoch == 0:
+            raise ConfigError(
+                [
+                    f"train.global_batch_size={derived.global_batch_size}: larger than the "
+                    f"{num_train_samples} training samples in {cfg.data.train_path}"
+                ]
+            )
+    if cfg.train.max_steps is not None:
+        total = cfg.train.max_steps
+    else:
+        if steps_per_epoch is None:
+            raise ConfigError(["train.num_epochs: needs a dataset of known size; set train.max_steps"])
+        total = max(1, math.floor(cfg.train.num_epochs * steps_per_epoch))
+    s = cfg.schedule
+    if s.warmup_steps is not None:
+        warmup = s.warmup_steps
+    elif s.warmup_ratio is not None:
+        warmup = round(s.warmup_ratio * total)
+    else:
+        warmup = 0
+    if warmup > total:
+        raise ConfigError([f"schedule.warmup_steps={warmup} exceeds the {total} total steps"])
+    return derived.model_copy(
+        update={"total_steps": total, "warmup_steps": warmup, "steps_per_epoch": steps_per_epoch}
+    )
+
+
+def dump_config(cfg: RunConfig, derived: Derived | None, path: str | Path) -> None:
+    """Write the resolved config (and derived numbers) as YAML, for the run directory."""
+    out = cfg.model_dump(mode="json")
+    if derived is not None:
+        out["derived"] = derived.model_dump()
+    Path(path).write_text(yaml.safe_dump(out, sort_keys=False))

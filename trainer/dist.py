@@ -1,0 +1,110 @@
+"""The one place that knows rank, world size and device.
+
+`world_from_env` reads what torchrun (or Slurm via our launchers) put in the environment, without
+starting anything, so the config can be validated first. `init_distributed` then starts the
+process group (nccl on GPU, gloo on CPU) or runs single-process, and checks that the environment
+and the process group agree. Everything else receives a `DistContext` explicitly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class DistributedSetupError(RuntimeError):
+    """The launch environment is inconsistent (e.g. RANK without WORLD_SIZE)."""
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str | None  # None when single-process without a process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def world_from_env(env: dict[str, str] | None = None) -> WorldInfo:
+    """Rank/world size from torchrun's variables; world size 1 when none are set."""
+    env = dict(os.environ) if env is None else env
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    present = [n for n in names if n in env]
+    if not present:
+        return WorldInfo(rank=0, local_rank=0, world_size=1)
+    missing = [n for n in names if n not in env]
+    if missing:
+        raise DistributedSetupError(
+            f"launch environment has {', '.join(present)} but not {', '.join(missing)}; "
+            "start with torchrun, or set all of RANK, WORLD_SIZE, LOCAL_RANK"
+        )
+    try:
+        info = WorldInfo(int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]))
+    except ValueError as e:
+        raise DistributedSetupError(f"RANK/LOCAL_RANK/WORLD_SIZE must be integers: {e}") from None
+    if not 0 <= info.rank < info.world_size:
+        raise DistributedSetupError(f"RANK={info.rank} is outside WORLD_SIZE={info.world_size}")
+    return info
+
+
+def init_distributed(timeout_s: float = 600.0) -> DistContext:
+    """Start the process group if launched with several ranks; pick the device."""
+    info = world_from_env()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if info.world_size == 1 and "MASTER_ADDR" not in os.environ:
+        return DistContext(0, 0, 1, device, None)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            # Binding the device lets nccl set up eagerly; gloo ignores it.
+            device_id=device if device.type == "cuda" else None,
+        )
+    if dist.get_world_size() != info.world_size or dist.get_rank() != info.rank:
+        raise DistributedSetupError(
+            f"process group (rank {dist.get_rank()} of {dist.get_world_size()}) disagrees with "
+            f"the environment (RANK={info.rank}, WORLD_SIZE={info.world_size})"
+        )
+    return DistContext(info.rank, info.local_rank, info.world_size, device, backend)
+
+
+def all_reduce_sum(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` across ranks in place (no-op when single-process) and return it."""
+    if ctx.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
