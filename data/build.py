@@ -1,11 +1,34 @@
-"""The data side's one entry point for the training loop: config -> `StepBatches` / eval samples."""
+"""The data side's one entry point for the training loop: config -> `StepBatches` / eval samples.
+
+`data.train_path` is streamed from shards (data.streaming) when `data.source` is `shards`, or
+`auto` and the path/URL holds a `manifest.json` (written by `python -m data.prepare`); otherwise
+it is a JSONL file read map-style (data.loader).
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 from data.config import DataConfig
-from data.loader import InstructionDataset, StepBatches, build_map_style
+from data.loader import DataError, InstructionDataset, StepBatches, build_map_style
+from data.shards import MANIFEST_NAME, ShardSet, ShardUnreadable, find_manifest
+from data.streaming import build_streaming
+
+
+def uses_shards(cfg: DataConfig, path: str, key: str = "data.train_path") -> bool:
+    """Whether `path` is read as a shard directory under `cfg.source`."""
+    if cfg.source == "shards":
+        return True
+    if cfg.source == "auto" and find_manifest(path, cfg.storage_options):
+        return True
+    if os.path.isdir(path):
+        raise DataError(
+            f"{key}: {path} is a directory without {MANIFEST_NAME}; write shards with "
+            "`python -m data.prepare` (or index existing ones with --index-only)"
+        )
+    return False
 
 
 def build_train_batches(
@@ -19,7 +42,8 @@ def build_train_batches(
     seed: int,
 ) -> StepBatches:
     """The training stream for this rank."""
-    return build_map_style(
+    build = build_streaming if uses_shards(cfg, cfg.train_path) else build_map_style
+    return build(
         cfg,
         cfg.train_path,
         tokenizer,
@@ -32,7 +56,26 @@ def build_train_batches(
 
 
 def build_eval_dataset(cfg: DataConfig, tokenizer: Any) -> InstructionDataset | None:
-    """The (small, fully read) evaluation set, or None when `data.eval_path` is unset."""
+    """The (small, fully read) evaluation set, or None when `data.eval_path` is unset. A shard
+    directory is read whole, in manifest order; any bad row is an error here (eval is small and
+    should be clean)."""
     if not cfg.eval_path:
         return None
-    return InstructionDataset(cfg.eval_path, tokenizer, cfg)
+    if not uses_shards(cfg, cfg.eval_path, "data.eval_path"):
+        return InstructionDataset(cfg.eval_path, tokenizer, cfg)
+    try:
+        shards = ShardSet(cfg.eval_path, cfg.storage_options)
+        rows = []
+        for shard, row, data in shards.iter_rows():
+            try:
+                obj = json.loads(data.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise DataError(
+                    f"{shards.display_path(shard)}:{row + 1}: not valid JSON ({e})"
+                ) from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{shards.display_path(shard)}:{row + 1}: expected a JSON object")
+            rows.append(obj)
+    except ShardUnreadable as e:
+        raise DataError(f"data.eval_path: {e}") from None
+    return InstructionDataset(cfg.eval_path, tokenizer, cfg, rows=rows)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -10,15 +10,70 @@ from trainer.config_base import Section
 
 
 class DataConfig(Section):
-    train_path: str = Field(..., description="Training data: a JSONL file of rows.")
-    eval_path: str | None = Field(None, description="Evaluation data, same format; optional.")
-    format: Literal["instruction"] = Field("instruction", description="How rows are rendered.")
+    train_path: str = Field(
+        ...,
+        description="Training data: a JSONL file of rows, or a shard directory/URL written by "
+        "`python -m data.prepare` (one holding manifest.json; any fsspec URL).",
+    )
+    eval_path: str | None = Field(
+        None, description="Evaluation data (JSONL file or shard directory); read fully; optional."
+    )
+    source: Literal["auto", "jsonl", "shards"] = Field(
+        "auto",
+        description="How train_path is read: `jsonl` map-style (whole file in memory), `shards` "
+        "streamed, `auto` = shards when train_path holds a manifest.json.",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec storage options for shard URLs (e.g. s3 creds)."
+    )
+    format: Literal["instruction", "text", "chat"] = Field(
+        "instruction", description="How rows are rendered: instruction, text or chat."
+    )
     template: Literal["alpaca", "compact"] = Field(
         "alpaca", description="Prompt template for the instruction format."
     )
     instruction_field: str = Field("instruction", description="Row key of the instruction.")
     context_field: str = Field("context", description="Row key of the optional context/input.")
     response_field: str = Field("response", description="Row key of the response.")
-    loss_on_prompt: bool = Field(False, description="Also take the loss on prompt tokens.")
-    seq_len: int = Field(512, ge=8, description="Samples longer than this are truncated.")
+    text_field: str = Field("text", description="Row key of the text (format: text).")
+    messages_field: str = Field(
+        "messages", description="Row key of the message list (format: chat)."
+    )
+    role_key: str = Field("role", description="Message key of the role (format: chat).")
+    content_key: str = Field("content", description="Message key of the content (format: chat).")
+    loss_on_prompt: bool = Field(
+        False, description="Also take the loss on prompt / non-assistant tokens."
+    )
+    seq_len: int = Field(512, ge=8, description="Maximum tokens per sample (and per packed row).")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="Samples longer than seq_len: cut to seq_len, or skip (counted)."
+    )
+    packing: bool = Field(
+        False,
+        description="Shards only: pack each micro-batch's samples into as few seq_len rows as "
+        "possible (position_ids restart per sample; attention stays inside each sample).",
+    )
+    shuffle_window: int = Field(
+        4096,
+        ge=1,
+        description="Shards only: rows per shuffle window; rows are shuffled within consecutive "
+        "windows of the (shuffled) shard sequence. Memory and resume cost grow with it.",
+    )
+    epoch_tail: Literal["pad", "drop"] = Field(
+        "pad",
+        description="Shards only: the last, partial global batch of an epoch is used with empty "
+        "slots (`pad`, counted as tail_empty_slots) or not used (`drop`, tail_dropped_rows).",
+    )
+    bad_rows: Literal["lenient", "strict"] = Field(
+        "lenient",
+        description="Shards only: skip and count bad rows (lenient) or stop at the first one "
+        "with an error naming file and line (strict).",
+    )
+    max_bad_fraction: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="Lenient mode: stop with an error once more than this share of the rows "
+        "read by a data worker were skipped as bad.",
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank.")

@@ -6,7 +6,13 @@ where it stopped. A micro-batch is a dict of equally shaped [B, T] tensors:
 
 - `input_ids` (long), `labels` (long, -100 where no loss, unshifted as in HF),
 - `attention_mask` (long, 1 = real token) and/or `position_ids` (long; packing restarts them),
-- `sample_index` (long [B], the dataset row of each sample; not passed to the model).
+- `sample_index` (long [B], the dataset row of each sample; not passed to the model). Packed
+  micro-batches (data.streaming with `data.packing`) have several samples per row: [B, K], -1
+  where a row has fewer than K samples. Packed micro-batches also carry `num_tokens` (a scalar:
+  real, non-pad tokens), since they have no attention_mask to count them from.
+
+`metrics()` returns counters (dict of numbers) the loop logs; summed over ranks they are totals.
+Streaming from shards (data.streaming) yields the same structure.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from data.config import DataConfig
-from data.templates import IGNORE_INDEX, TokenizedSample, encode_instruction
+from data.templates import IGNORE_INDEX, RowError, TokenizedSample, encode_row
 
 Batch = dict[str, torch.Tensor]
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
@@ -34,8 +40,10 @@ class StepBatches(Protocol):
     """What the training loop consumes; see the module docstring."""
 
     num_samples: int | None  # dataset size when known (map-style), None when streaming
+    steps_per_epoch: int  # optimizer steps in one epoch, the same on every rank
 
     def __iter__(self) -> Iterator[list[Batch]]: ...
+    def metrics(self) -> dict[str, float]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -52,49 +60,44 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                raise DataError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
+                )
             rows.append(row)
     return rows
 
 
 def tokenize_row(row: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> TokenizedSample:
-    """Render one instruction row; raise KeyError/TypeError for a missing or non-text field."""
-    fields = {}
-    for key in (cfg.instruction_field, cfg.response_field):
-        value = row[key]
-        if not isinstance(value, str):
-            raise TypeError(f"field '{key}' must be a string, got {type(value).__name__}")
-        fields[key] = value
-    context = row.get(cfg.context_field) or None
-    return encode_instruction(
-        tokenizer,
-        fields[cfg.instruction_field],
-        fields[cfg.response_field],
-        context,
-        template=cfg.template,
-        loss_on_prompt=cfg.loss_on_prompt,
-    )
+    """Render one row in `cfg.format`; raise RowError (a ValueError) for an unusable row."""
+    return encode_row(row, tokenizer, cfg)
 
 
 class InstructionDataset(Dataset):
     """A JSONL file of instruction rows, tokenized once up front (small data; see data.streaming
     for data larger than memory)."""
 
-    def __init__(self, path: str | Path, tokenizer: Any, cfg: DataConfig):
+    def __init__(
+        self,
+        path: str | Path,
+        tokenizer: Any,
+        cfg: DataConfig,
+        rows: list[dict[str, Any]] | None = None,
+    ):
+        # `rows` given: already read elsewhere (e.g. from shards); `path` only names them.
         self.path = str(path)
-        self.rows = read_jsonl(path)
+        self.rows = read_jsonl(path) if rows is None else rows
         self.samples: list[TokenizedSample] = []
         self.num_truncated = 0
         for lineno, row in enumerate(self.rows, 1):
             try:
                 sample = tokenize_row(row, tokenizer, cfg)
-            except KeyError as e:
-                raise DataError(f"{path}: row {lineno}: missing field {e}") from None
-            except TypeError as e:
+            except RowError as e:
                 raise DataError(f"{path}: row {lineno}: {e}") from None
             if len(sample) > cfg.seq_len:
                 self.num_truncated += 1
-                sample = TokenizedSample(sample.input_ids[: cfg.seq_len], sample.labels[: cfg.seq_len])
+                sample = TokenizedSample(
+                    sample.input_ids[: cfg.seq_len], sample.labels[: cfg.seq_len]
+                )
             self.samples.append(sample)
 
     def __len__(self) -> int:
@@ -188,9 +191,20 @@ class MapStyleStepBatches:
         self.step_in_epoch = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+        return {"kind": "map", "epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+
+    def metrics(self) -> dict[str, float]:
+        """Counters for the loop to log (summed over ranks they are dataset-wide)."""
+        # The dataset is tokenized once; rank 0 reports it so a sum over ranks counts it once.
+        if self.sampler.rank != 0:
+            return {}
+        return {"truncated": self.dataset.num_truncated, "rows_kept": len(self.dataset)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind", "map") != "map":
+            raise DataError(
+                "resume: the saved data state is from a shard stream (data.source changed?)"
+            )
         self.epoch = int(state["epoch"])
         self.step_in_epoch = int(state["step_in_epoch"])
 

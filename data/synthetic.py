@@ -1,5 +1,8 @@
 """A deterministic synthetic instruction dataset: small arithmetic and string tasks.
 
+Tasks: `add` (2-digit addition), `upper` (uppercase a word), `reverse` (reverse a word; not in
+the default mix).
+
 A tiny model learns these in minutes on a CPU, and exact-match accuracy of greedy generation
 measures it plainly. Row `i` of a split depends only on (seed, split, i), so the data are the
 same on every machine and eval never overlaps train.
@@ -12,7 +15,8 @@ import random
 import string
 from pathlib import Path
 
-TASKS = ("add", "reverse")
+TASKS = ("add", "upper")
+ALL_TASKS = ("add", "upper", "reverse")
 
 
 def _held_out(a: int, b: int) -> bool:
@@ -27,10 +31,23 @@ def make_row(rng: random.Random, task: str, split: str = "train") -> dict[str, s
             if _held_out(a, b) == (split == "eval"):
                 break
         return {"instruction": f"{a}+{b}=", "context": "", "response": str(a + b), "task": task}
-    if task == "reverse":
+    if task == "upper":
         word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 5)))
-        return {"instruction": f"reverse {word}", "context": "", "response": word[::-1], "task": task}
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        return {
+            "instruction": f"upper {word}",
+            "context": "",
+            "response": word.upper(),
+            "task": task,
+        }
+    if task == "reverse":  # harder: a 0.9M model needs far longer than the demo's budget
+        word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 5)))
+        return {
+            "instruction": f"reverse {word}",
+            "context": "",
+            "response": word[::-1],
+            "task": task,
+        }
+    raise ValueError(f"unknown task {task!r}; expected one of {ALL_TASKS}")
 
 
 def generate(

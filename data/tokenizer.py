@@ -13,7 +13,15 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+SPECIAL_TOKENS = {
+    "pad_token": "<pad>",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+}
+
+# Template markers (see data.templates) that get a token of their own.
+TEMPLATE_MARKERS = ("### Instruction:\n", "\n\n### Input:\n", "\n\n### Response:\n")
 
 # A minimal ChatML-style template so the `chat` data format works with this tokenizer too.
 CHAT_TEMPLATE = (
@@ -34,6 +42,9 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, **SPECIAL_TOKENS)
     tok.chat_template = CHAT_TEMPLATE
+    # A real BPE vocabulary spells the template's markers in a few tokens; one token each keeps
+    # a char-level demo from spending most of its compute on boilerplate.
+    tok.add_tokens(list(TEMPLATE_MARKERS))
     return tok
 
 

@@ -53,7 +53,15 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    backend: Literal["ddp"] = Field("ddp", description="How the model is distributed.")
+    backend: Literal["ddp", "deepspeed"] = Field(
+        "ddp",
+        description="How the model is distributed: DDP, or DeepSpeed ZeRO (see deepspeed_config).",
+    )
+    deepspeed_config: str | None = Field(
+        None,
+        description='DeepSpeed JSON (e.g. configs/deepspeed/zero2.json); its "auto" values are '
+        "filled from this config. Required when train.backend is deepspeed.",
+    )
     micro_batch_size: int = Field(8, ge=1, description="Samples per forward/backward per rank.")
     grad_accum_steps: int | None = Field(
         None, ge=1, description="Micro-steps per optimizer step. Give this or global_batch_size."
@@ -110,6 +118,7 @@ class EvalConfig(Section):
     every_steps: int | None = Field(
         None, ge=1, description="Evaluate every N optimizer steps (and always at the end)."
     )
+    at_start: bool = Field(False, description="Also evaluate before the first step (a baseline).")
     max_batches: int | None = Field(None, ge=1, description="Cap eval batches per rank.")
     num_generate: int = Field(
         0, ge=0, description="Eval samples scored by greedy generation (exact-match accuracy)."
@@ -253,6 +262,10 @@ def check_consistency(cfg: RunConfig) -> list[str]:
         problems.append("train.max_steps / train.num_epochs: set only one of them")
     if t.grad_accum_steps is None and t.global_batch_size is None:
         problems.append("train.grad_accum_steps / train.global_batch_size: set at least one")
+    if t.backend == "deepspeed" and not t.deepspeed_config:
+        problems.append("train.deepspeed_config: required when train.backend is deepspeed")
+    if t.backend == "ddp" and t.deepspeed_config:
+        problems.append("train.deepspeed_config: only used with train.backend=deepspeed")
     if s.warmup_steps is not None and s.warmup_ratio is not None:
         problems.append("schedule.warmup_steps / schedule.warmup_ratio: set only one of them")
     if cfg.eval.num_generate and not cfg.data.eval_path:
@@ -312,23 +325,15 @@ def resolve_batch(cfg: RunConfig, world_size: int) -> Derived:
     )
 
 
-def with_total_steps(cfg: RunConfig, derived: Derived, num_train_samples: int | None) -> Derived:
-    """Fill total/warmup steps once the number of training samples is known (None: streaming)."""
-    steps_per_epoch = None
-    if num_train_samples is not None:
-        steps_per_epoch = num_train_samples // derived.global_batch_size
-        if steps_per_epoch == 0:
-            raise ConfigError(
-                [
-                    f"train.global_batch_size={derived.global_batch_size}: larger than the "
-                    f"{num_train_samples} training samples in {cfg.data.train_path}"
-                ]
-            )
+def with_total_steps(cfg: RunConfig, derived: Derived, steps_per_epoch: int | None) -> Derived:
+    """Fill total/warmup steps once the data's steps per epoch are known (None: unknown)."""
     if cfg.train.max_steps is not None:
         total = cfg.train.max_steps
     else:
         if steps_per_epoch is None:
-            raise ConfigError(["train.num_epochs: needs a dataset of known size; set train.max_steps"])
+            raise ConfigError(
+                ["train.num_epochs: needs a dataset of known size; set train.max_steps"]
+            )
         total = max(1, math.floor(cfg.train.num_epochs * steps_per_epoch))
     s = cfg.schedule
     if s.warmup_steps is not None:

@@ -100,6 +100,19 @@ def all_reduce_sum(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def sum_counters(ctx: DistContext, counters: dict[str, float]) -> dict[str, float]:
+    """Sum dicts of counters over ranks; keys may differ between ranks (a missing key is 0)."""
+    if not ctx.distributed:
+        return dict(counters)
+    gathered: list[dict[str, float]] = [{} for _ in range(ctx.world_size)]
+    dist.all_gather_object(gathered, counters)
+    total: dict[str, float] = {}
+    for part in gathered:
+        for key, value in part.items():
+            total[key] = total.get(key, 0.0) + float(value)
+    return total
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()

@@ -1,0 +1,48 @@
+# The README's two commands: `make demo` and `make test`. Both install what they need into .venv.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+# Where torch comes from. Empty = the default index (on these CPU machines pip takes the CPU wheel
+# that lies on disk). Elsewhere on a CPU-only machine, set it to PyTorch's CPU index to avoid the
+# multi-GB CUDA build: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+NPROC  ?= 2
+
+.PHONY: install demo demo-assets test test-fast lint format clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@# torch first and pinned, so nothing later resolves a CUDA build. A torch already in the
+	@# venv (e.g. the user's CUDA build on a GPU machine) is kept.
+	$(BIN)/python -c "import torch" 2>/dev/null || \
+	  $(BIN)/python -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo-assets: install
+	$(BIN)/python -m launch.make_demo --output demo_assets
+	$(BIN)/python -m data.prepare --input demo_assets/train.jsonl --output demo_assets/train_shards --shard-size 4000rows
+
+demo: demo-assets
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m launch.train configs/demo.yaml
+
+test: install lint
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf runs demo_assets .pytest_cache .ruff_cache

@@ -1,0 +1,111 @@
+"""Turn a micro-batch's samples into tensors: padded rows, or several samples packed per row.
+
+Packed rows carry `position_ids` that restart at 0 for every sample and NO `attention_mask`:
+transformers (5.x, `masking_utils.find_packed_sequence_indices`) then derives a block-diagonal
+causal mask from the position restarts, so with sdpa/eager attention each sample attends only to
+itself and gets the logits it would get alone. That detection only runs without a KV cache:
+the model must be called with `use_cache=False` (as trainer.engine does); with a cache the
+samples of a row would attend to each other. The padding at the end of a row restarts positions
+too, so it forms its own block and never joins the last sample's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from data.templates import IGNORE_INDEX, TokenizedSample
+
+Batch = dict[str, torch.Tensor]
+Item = tuple[int, TokenizedSample]  # (global row id, sample)
+
+
+def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Assign items (by index, in order) to the first row with room; deterministic."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i, n in enumerate(lengths):
+        for r, room in enumerate(free):
+            if n <= room:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(capacity - n)
+    return rows
+
+
+def pack(items: list[Item], seq_len: int, pad_id: int) -> Batch:
+    """Pack samples (each at most `seq_len` long) into rows of width <= seq_len.
+
+    The width is the fullest row's length, not seq_len, so no compute is spent on a pad-only
+    tail. `sample_index` is [B, K]: the row ids in each packed row, -1 where none.
+    """
+    if not items:
+        return empty_batch(pad_id, packed=True)
+    groups = first_fit([len(s) for _, s in items], seq_len)
+    width = max(sum(len(items[i][1]) for i in g) for g in groups)
+    k = max(len(g) for g in groups)
+    # Rows are built as Python lists and converted once: a tensor per sample costs more than
+    # the packing itself.
+    input_ids, labels, position_ids, sample_index = [], [], [], []
+    for group in groups:
+        ids: list[int] = []
+        lab: list[int] = []
+        pos: list[int] = []
+        for i in group:
+            s = items[i][1]
+            ids += s.input_ids
+            lab += s.labels
+            pos += range(len(s))
+        pad = width - len(ids)
+        input_ids.append(ids + [pad_id] * pad)
+        labels.append(lab + [IGNORE_INDEX] * pad)
+        position_ids.append(pos + list(range(pad)))
+        sample_index.append([items[i][0] for i in group] + [-1] * (k - len(group)))
+    return {
+        "input_ids": torch.tensor(input_ids, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "position_ids": torch.tensor(position_ids, dtype=torch.long),
+        "sample_index": torch.tensor(sample_index, dtype=torch.long),
+        # Real (non-pad) tokens: packed rows have no attention_mask to count them from.
+        "num_tokens": torch.tensor(sum(len(s) for _, s in items), dtype=torch.long),
+    }
+
+
+def pad_right(items: list[Item], pad_id: int) -> Batch:
+    """One sample per row, right-padded to the longest (right padding keeps causal outputs exact)."""
+    if not items:
+        return empty_batch(pad_id, packed=False)
+    width = max(len(s) for _, s in items)
+    pads = [width - len(s) for _, s in items]
+    return {
+        "input_ids": torch.tensor(
+            [s.input_ids + [pad_id] * p for (_, s), p in zip(items, pads, strict=True)]
+        ),
+        "labels": torch.tensor(
+            [s.labels + [IGNORE_INDEX] * p for (_, s), p in zip(items, pads, strict=True)]
+        ),
+        "attention_mask": torch.tensor(
+            [[1] * len(s) + [0] * p for (_, s), p in zip(items, pads, strict=True)]
+        ),
+        "sample_index": torch.tensor([i for i, _ in items], dtype=torch.long),
+    }
+
+
+def empty_batch(pad_id: int, *, packed: bool, width: int = 2) -> Batch:
+    """A micro-batch with no sample (all of its slots were past the epoch's end or bad rows):
+    one pad row with no loss, so every rank still runs its forward/backward (collectives stay in
+    step) and adds nothing to the loss or the token count. Its mask is all ones on purpose: a
+    fully masked row can produce NaN attention weights."""
+    batch = {
+        "input_ids": torch.full((1, width), pad_id, dtype=torch.long),
+        "labels": torch.full((1, width), IGNORE_INDEX, dtype=torch.long),
+    }
+    if packed:
+        batch["position_ids"] = torch.arange(width).unsqueeze(0)
+        batch["sample_index"] = torch.full((1, 1), -1, dtype=torch.long)
+    else:
+        batch["attention_mask"] = torch.ones((1, width), dtype=torch.long)
+        batch["sample_index"] = torch.full((1,), -1, dtype=torch.long)
+    return batch

@@ -1,0 +1,67 @@
+"""Build the embedded default: a tiny random Llama + char tokenizer + synthetic task data.
+
+`python -m launch.make_demo --output demo_assets` writes, with nothing downloaded:
+  model/       a ~0.9M-parameter Llama in HF format (random init), with its tokenizer
+  train.jsonl  synthetic instruction rows (2-digit addition, uppercasing)
+  eval.jsonl   held-out rows of the same tasks
+The model is saved with `save_pretrained` and training loads it back through `from_pretrained`,
+the same path a user's real checkpoint takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from data.synthetic import generate, write_jsonl
+from data.tokenizer import build_char_tokenizer
+
+
+def tiny_llama_config(
+    tokenizer, *, hidden: int = 128, layers: int = 4, heads: int = 4
+) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny_model_dir(out: Path, seed: int = 0, **size: int) -> Path:
+    """Save a randomly initialized tiny Llama and the char tokenizer under `out`."""
+    tokenizer = build_char_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer, **size))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output", default="demo_assets", help="directory to write into")
+    p.add_argument("--num-train", type=int, default=20000)
+    p.add_argument("--num-eval", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    out = Path(args.output)
+    build_tiny_model_dir(out / "model", seed=args.seed)
+    write_jsonl(generate(args.num_train, args.seed, "train"), out / "train.jsonl")
+    write_jsonl(generate(args.num_eval, args.seed, "eval"), out / "eval.jsonl")
+    print(f"wrote {out}/model, {out}/train.jsonl ({args.num_train} rows), {out}/eval.jsonl")
+
+
+if __name__ == "__main__":
+    main()

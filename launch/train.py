@@ -1,0 +1,152 @@
+"""Train: `torchrun --nproc_per_node=N -m launch.train CONFIG [section.key=value ...]`
+(or `python -m launch.train CONFIG ...` for one process).
+
+Reads and validates the config and the data before any process group starts, then builds the
+parts and calls the one `train()`. It holds no training logic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from data.build import build_eval_dataset, build_train_batches
+from data.loader import DataError
+from trainer.build import build_engine, save_hf_model, seed_everything
+from trainer.config import ConfigError, dump_config, load_config, resolve_batch, with_total_steps
+from trainer.dist import DistributedSetupError, init_distributed, shutdown, world_from_env
+from trainer.loop import Evaluator, NonFiniteLossError, train
+from trainer.model import ModelLoadError, build_tokenizer
+
+log = logging.getLogger("fttrain")
+
+# Errors whose message is the whole story for the user: printed as is, no traceback.
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, DistributedSetupError, NonFiniteLossError)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="launch.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="run config YAML (see configs/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-4")
+    return p.parse_args(argv)
+
+
+def setup_logging(rank: int) -> None:
+    # Other ranks stay quiet unless something goes wrong.
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    for noisy in ("transformers", "torch.distributed", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Everything `main` does, raising instead of exiting; returns the run summary."""
+    args = parse_args(argv)
+    world = world_from_env()
+    setup_logging(world.rank)
+    cfg = load_config(args.config, args.overrides)
+    derived = resolve_batch(cfg, world.world_size)
+    seed_everything(cfg.seed)
+    tokenizer = build_tokenizer(cfg.model)
+    train_batches = build_train_batches(
+        cfg.data,
+        tokenizer,
+        rank=world.rank,
+        world_size=world.world_size,
+        micro_batch_size=derived.micro_batch_size,
+        grad_accum_steps=derived.grad_accum_steps,
+        seed=cfg.seed,
+    )
+    eval_set = build_eval_dataset(cfg.data, tokenizer)
+    derived = with_total_steps(cfg, derived, train_batches.steps_per_epoch)
+
+    ctx = init_distributed()  # only now: config and data are known to be valid
+    try:
+        run_dir = Path(cfg.run_dir)
+        if ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, derived, run_dir / "config.yaml")
+            log.info(
+                "world size %d, micro batch %d x accumulation %d = global batch %d; %d steps "
+                "(%d warmup); run dir %s",
+                ctx.world_size,
+                derived.micro_batch_size,
+                derived.grad_accum_steps,
+                derived.global_batch_size,
+                derived.total_steps,
+                derived.warmup_steps,
+                run_dir,
+            )
+        engine = build_engine(cfg, derived, ctx)
+        evaluator = Evaluator(cfg, ctx, eval_set.samples, tokenizer) if eval_set else None
+        started = time.time()
+        result = train(
+            cfg, derived, ctx, engine, train_batches, run_dir=run_dir, evaluator=evaluator
+        )
+        summary = {
+            "steps": result.state.step,
+            "tokens_seen": result.state.tokens_seen,
+            "skipped_steps": result.state.num_skipped_steps,
+            "final_loss": result.losses[-1] if result.losses else None,
+            "train_seconds": round(time.time() - started, 2),
+            "eval": result.eval_history,
+            "data": result.data_totals,
+        }
+        if cfg.output.save_hf_model:
+            save_hf_model(engine, tokenizer, str(run_dir / "model"), ctx)
+            summary["model_dir"] = str(run_dir / "model")
+        if ctx.is_main:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            log.info("%s", describe_eval_change(result.eval_history))
+            log.info(
+                "done: %s",
+                json.dumps({k: v for k, v in summary.items() if k not in ("eval", "data")}),
+            )
+        return summary
+    finally:
+        shutdown(ctx)
+
+
+def describe_eval_change(history: list[dict[str, float]]) -> str:
+    """One line comparing the first and last evaluation (the demo's before/after)."""
+    if not history:
+        return "no evaluation was configured"
+    first, last = history[0], history[-1]
+    parts = []
+    if "eval/accuracy" in last:
+        parts.append(
+            f"exact-match accuracy {100 * first['eval/accuracy']:.1f}% (step {first['step']}) -> "
+            f"{100 * last['eval/accuracy']:.1f}% (step {last['step']})"
+        )
+    parts.append(f"eval loss {first['eval/loss']:.3f} -> {last['eval/loss']:.3f}")
+    return "; ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(argv)
+    except USER_ERRORS as e:
+        # Every rank hits the same config/data error; only rank 0 prints it.
+        if world_rank_or_zero() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def world_rank_or_zero() -> int:
+    try:
+        return world_from_env().rank
+    except DistributedSetupError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

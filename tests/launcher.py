@@ -1,0 +1,142 @@
+"""The one way tests start several ranks: real processes, gloo, a free port, a hard timeout.
+
+`run_ranks(fn, world_size, *args)` spawns `world_size` processes with torchrun's environment
+variables set and returns each rank's return value; `run_torchrun(argv, nproc)` runs the real CLI
+under torchrun. A rank that fails raises with its traceback; a hang kills every rank and fails
+the test instead of stalling CI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class RanksFailed(AssertionError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(fn: Callable, rank: int, world_size: int, port: int, out: str, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    import torch
+
+    torch.set_num_threads(1)  # ranks share 2 cores; oversubscription makes runs crawl
+    try:
+        value = fn(*args)
+        payload = ("ok", value)
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        payload = ("error", traceback.format_exc())
+    with open(out, "wb") as f:
+        pickle.dump(payload, f)
+    if payload[0] == "error":
+        sys.exit(1)
+
+
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 180) -> list[Any]:
+    """Run `fn(*args)` on `world_size` spawned ranks; return their results in rank order."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [os.path.join(tmp, f"rank{r}.pkl") for r in range(world_size)]
+        procs = [
+            ctx.Process(target=_rank_main, args=(fn, r, world_size, port, outs[r], args))
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        if hung:
+            raise RanksFailed(f"ranks {hung} still running after {timeout}s (hang?); killed")
+        results, errors = [], []
+        for r, out in enumerate(outs):
+            if not os.path.exists(out):
+                errors.append(f"rank {r}: died with exit code {procs[r].exitcode} and no result")
+                continue
+            with open(out, "rb") as f:
+                status, value = pickle.load(f)
+            if status == "error":
+                errors.append(f"rank {r}:\n{value}")
+            results.append(value)
+        if errors:
+            raise RanksFailed("\n".join(errors))
+        return results
+
+
+def torchrun_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def run_torchrun(
+    argv: list[str],
+    nproc: int,
+    *,
+    timeout: float = 300,
+    cwd: str | Path = REPO,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
+    """Run `torchrun --nproc_per_node=nproc <argv>` on a free port; kill the group on timeout."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *argv,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env or torchrun_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise RanksFailed(
+            f"torchrun {' '.join(argv)} still running after {timeout}s; killed\n{out[-4000:]}"
+        ) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, None)

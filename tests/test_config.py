@@ -1,0 +1,139 @@
+"""Config: every problem reported at once, each naming its key; nothing starts before it is valid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainer.config import ConfigError, load_config, resolve_batch, with_total_steps
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, tree: dict) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def base_tree() -> dict:
+    return {
+        "model": {"name_or_path": "some/model"},
+        "data": {"train_path": "train.jsonl"},
+        "train": {"micro_batch_size": 4, "grad_accum_steps": 2, "max_steps": 10},
+    }
+
+
+def problems_of(tmp_path: Path, tree: dict, overrides: list[str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, tree), overrides)
+    return info.value.problems
+
+
+def test_valid_config_and_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, base_tree()), ["optim.lr=1e-4", "train.max_grad_norm=null"])
+    assert cfg.optim.lr == 1e-4
+    assert cfg.train.max_grad_norm is None
+    assert cfg.model.attn_implementation == "sdpa"
+    assert cfg.model.trust_remote_code is False
+
+
+def test_unknown_key_names_it_and_suggests(tmp_path):
+    tree = base_tree()
+    tree["optim"] = {"learning_rate": 1e-4}
+    tree["trian"] = {}
+    problems = problems_of(tmp_path, tree)
+    joined = "\n".join(problems)
+    assert "optim.learning_rate: unknown key" in joined
+    assert "trian: unknown key (did you mean 'train'?)" in joined
+
+
+def test_unknown_key_from_override_suggests_nearest(tmp_path):
+    problems = problems_of(tmp_path, base_tree(), ["train.micro_batchsize=3"])
+    assert problems == [
+        "train.micro_batchsize: unknown key (did you mean 'train.micro_batch_size'?)"
+    ]
+
+
+def test_wrong_type_and_out_of_range_reported_together(tmp_path):
+    tree = base_tree()
+    tree["train"]["micro_batch_size"] = "eight"
+    tree["optim"] = {"lr": -1}
+    problems = problems_of(tmp_path, tree)
+    assert len(problems) == 2
+    assert any(p.startswith("train.micro_batch_size:") and "'eight'" in p for p in problems)
+    assert any(p.startswith("optim.lr:") and "greater than 0" in p for p in problems)
+
+
+def test_mutually_exclusive_options(tmp_path):
+    tree = base_tree()
+    tree["train"]["num_epochs"] = 2
+    tree["schedule"] = {"warmup_steps": 5, "warmup_ratio": 0.1}
+    problems = problems_of(tmp_path, tree)
+    assert any("train.max_steps / train.num_epochs" in p for p in problems)
+    assert any("schedule.warmup_steps / schedule.warmup_ratio" in p for p in problems)
+
+
+def test_missing_required_key(tmp_path):
+    tree = base_tree()
+    del tree["model"]
+    assert problems_of(tmp_path, tree) == ["model: required but not set"]
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  name_or_path: x\ntrain: [unclosed\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert f"{path}:line" in str(info.value)
+
+
+def test_global_batch_must_divide(tmp_path):
+    tree = base_tree()
+    tree["train"] = {"micro_batch_size": 4, "global_batch_size": 20, "max_steps": 5}
+    cfg = load_config(write(tmp_path, tree))
+    assert resolve_batch(cfg, 1).grad_accum_steps == 5
+    with pytest.raises(ConfigError) as info:
+        resolve_batch(cfg, 2)
+    msg = str(info.value)
+    assert "train.global_batch_size=20" in msg and "train.micro_batch_size=4" in msg
+    assert "world size 2" in msg
+
+
+def test_derived_numbers(tmp_path):
+    tree = base_tree()
+    tree["train"] = {"micro_batch_size": 2, "global_batch_size": 16, "num_epochs": 2}
+    tree["schedule"] = {"warmup_ratio": 0.25}
+    cfg = load_config(write(tmp_path, tree))
+    derived = with_total_steps(cfg, resolve_batch(cfg, 4), steps_per_epoch=6)
+    assert (derived.grad_accum_steps, derived.global_batch_size) == (2, 16)
+    assert (derived.steps_per_epoch, derived.total_steps, derived.warmup_steps) == (6, 12, 3)
+
+
+def test_every_shipped_config_validates():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        resolve_batch(cfg, 1)
+
+
+def _bad_config_rank(config_path: str) -> tuple[int, bool]:
+    """Runs in a spawned rank: the CLI must refuse before any process group starts."""
+    import torch.distributed as dist
+
+    import launch.train as lt
+
+    started = []
+    dist.init_process_group = lambda *a, **k: started.append(True)  # record, don't start
+    code = lt.main([config_path])
+    return code, bool(started)
+
+
+def test_cli_rejects_bad_config_before_process_group(tmp_path, ranks):
+    tree = base_tree()
+    tree["train"]["micro_batchsize"] = 3
+    path = write(tmp_path, tree)
+    for code, started in ranks(_bad_config_rank, 2, str(path), timeout=120):
+        assert code == 2
+        assert not started

@@ -1,0 +1,182 @@
+"""The engine: everything the loop does to the model, behind one interface.
+
+The loop is written once against `Engine`; a backend (DDP here, DeepSpeed later) differs only in
+how it wraps the model and implements these methods. peft-wrapped models slot in unchanged: only
+`requires_grad` parameters are optimized, clipped and saved as trainable state.
+
+Loss normalization: the loop computes, before the first micro-step of an optimizer step, the
+number of target tokens over ALL micro-steps and ALL ranks (`num_global_tokens`). Each micro-step
+backpropagates `sum_of_token_losses * world_size / num_global_tokens`; the backends average
+gradients over ranks, so the accumulated gradient equals the gradient of the mean token loss over
+the whole global batch -- not a mean of per-micro-batch means.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data.loader import MODEL_INPUT_KEYS
+from data.templates import IGNORE_INDEX
+from trainer.dist import DistContext
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over positions whose shifted label is kept."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def count_target_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Tokens that carry loss in a micro-batch (after the causal shift)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+class Engine(Protocol):
+    """What the training loop needs from a backend."""
+
+    ctx: DistContext
+
+    def forward_backward(
+        self, batch: dict[str, torch.Tensor], loss_scale: torch.Tensor, is_last_micro_step: bool
+    ) -> torch.Tensor:
+        """Forward + backward of one micro-batch; returns the detached sum of token losses.
+        Gradients are synchronized across ranks only when `is_last_micro_step`."""
+        ...
+
+    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
+        """Global gradient norm BEFORE clipping (a tensor, identical on all ranks); clips in place
+        when `max_norm` is set."""
+        ...
+
+    def optimizer_step(self, skip: bool) -> None:
+        """Apply the update (unless `skip`), advance the LR schedule, zero the gradients."""
+        ...
+
+    def current_lr(self) -> float: ...
+    def train(self) -> None: ...
+    def eval(self) -> None: ...
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+    def unwrapped_model(self) -> nn.Module: ...
+
+    def save_state(self, directory: Path) -> None:
+        """Collective: every rank writes its own shard of model (trainable parameters only),
+        optimizer and LR-schedule state into `directory` (which exists on every rank). Atomic
+        publishing, manifests and data/RNG state are the checkpoint manager's job, not this."""
+        ...
+
+    def load_state(self, directory: Path) -> None:
+        """Collective: restore what `save_state` wrote, resharding to this world size."""
+        ...
+
+    def full_state_dict_for_export(self) -> dict[str, torch.Tensor] | None:
+        """The full (gathered) model state dict on rank 0, None on other ranks."""
+        ...
+
+
+def autocast_context(ctx: DistContext, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU under `auto`/`bf16`; fp32 on CPU (bf16 autocast on CPU is slow and
+    would make CPU runs differ from the equivalence tests' expectations)."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and ctx.device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class DDPEngine:
+    """Data parallel over `ctx` (DistributedDataParallel), or a plain module at world size 1."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        ctx: DistContext,
+        precision: str = "auto",
+    ):
+        self.ctx = ctx
+        self.module = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.precision = precision
+        if ctx.distributed:
+            device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            self.model: nn.Module = DDP(model, device_ids=device_ids)
+        else:
+            self.model = model
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {
+            k: batch[k].to(self.ctx.device, non_blocking=True)
+            for k in MODEL_INPUT_KEYS
+            if k in batch
+        }
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with autocast_context(self.ctx, self.precision):
+            return self.model(**self._model_inputs(batch), use_cache=False).logits
+
+    def forward_backward(
+        self, batch: dict[str, torch.Tensor], loss_scale: torch.Tensor, is_last_micro_step: bool
+    ) -> torch.Tensor:
+        sync = contextlib.nullcontext()
+        if isinstance(self.model, DDP) and not is_last_micro_step:
+            sync = self.model.no_sync()  # all-reduce gradients only once per optimizer step
+        labels = batch["labels"].to(self.ctx.device, non_blocking=True)
+        with sync:
+            logits = self.forward(batch)
+            loss_sum = token_loss_sum(logits, labels)
+            (loss_sum * loss_scale).backward()
+        return loss_sum.detach()
+
+    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
+        # With max_norm=inf this only measures; the norm is the same on every rank because DDP
+        # has already averaged the gradients.
+        return torch.nn.utils.clip_grad_norm_(
+            self.trainable, max_norm if max_norm is not None else float("inf"), foreach=True
+        )
+
+    def optimizer_step(self, skip: bool) -> None:
+        if not skip:
+            self.optimizer.step()
+        # The schedule follows optimizer steps taken by the loop, skipped or not, so that the LR
+        # at step k is the same whatever happened before it.
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def current_lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def train(self) -> None:
+        self.model.train()
+
+    def eval(self) -> None:
+        self.model.eval()
+
+    def unwrapped_model(self) -> nn.Module:
+        return self.module
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

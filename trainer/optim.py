@@ -1,0 +1,69 @@
+"""AdamW with decoupled weight decay only where it belongs, and the LR schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from trainer.config import OptimConfig, ScheduleConfig
+
+
+def split_decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(decay, no_decay) among trainable parameters: biases, norm weights and other 1-D
+    parameters get no weight decay; matrices and embeddings do."""
+    norm_types = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.RMSNorm)
+    no_decay_ids = set()
+    for module in model.modules():
+        is_norm = isinstance(module, norm_types) or "norm" in type(module).__name__.lower()
+        for name, p in module.named_parameters(recurse=False):
+            if is_norm or name == "bias" or p.ndim < 2:
+                no_decay_ids.add(id(p))
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if id(p) in no_decay_ids else decay).append(p)
+    return decay, no_decay
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    decay, no_decay = split_decay_groups(model)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # foreach is the fast multi-tensor path on both CPU and GPU.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
+
+
+def lr_multiplier(
+    cfg: ScheduleConfig, total_steps: int, warmup_steps: int
+) -> Callable[[int], float]:
+    """Multiplier of the peak lr for the update made at optimizer step `step` (0-based):
+    linear warmup to 1 over `warmup_steps`, then decay to `min_lr_ratio` at the last step."""
+    floor = cfg.min_lr_ratio
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if cfg.decay == "constant":
+            return 1.0
+        span = max(1, total_steps - 1 - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        if cfg.decay == "linear":
+            shape = 1.0 - progress
+        else:  # cosine
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return floor + (1.0 - floor) * shape
+
+    return multiplier
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_multiplier(cfg, total_steps, warmup_steps)
+    )
