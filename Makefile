@@ -28,6 +28,7 @@ demo-assets: install
 	$(BIN)/python -m data.prepare --input demo_assets/train.jsonl --output demo_assets/train_shards --shard-size 4000rows
 
 demo: demo-assets
+	rm -rf runs/demo  # a fresh run each time (a kept run dir would auto-resume, already finished)
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m launch.train configs/demo.yaml
 
 test: install lint

@@ -13,19 +13,43 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from data.build import build_eval_dataset, build_train_batches
 from data.loader import DataError
 from trainer.build import build_engine, save_hf_model, seed_everything
-from trainer.config import ConfigError, dump_config, load_config, resolve_batch, with_total_steps
-from trainer.dist import DistributedSetupError, init_distributed, shutdown, world_from_env
-from trainer.loop import Evaluator, NonFiniteLossError, train
+from trainer.checkpoint import CheckpointError, Checkpointing, CheckpointSaveError
+from trainer.config import (
+    ConfigError,
+    Derived,
+    RunConfig,
+    dump_config,
+    load_config,
+    resolve_batch,
+    with_total_steps,
+)
+from trainer.dist import (
+    DistContext,
+    DistributedSetupError,
+    init_distributed,
+    shutdown,
+    world_from_env,
+)
+from trainer.loop import Evaluator, NonFiniteLossError, TrainState, train
 from trainer.model import ModelLoadError, build_tokenizer
 
 log = logging.getLogger("fttrain")
 
 # Errors whose message is the whole story for the user: printed as is, no traceback.
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, DistributedSetupError, NonFiniteLossError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    ModelLoadError,
+    DistributedSetupError,
+    NonFiniteLossError,
+    CheckpointError,
+    CheckpointSaveError,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,49 +94,102 @@ def run(argv: list[str] | None = None) -> dict:
 
     ctx = init_distributed()  # only now: config and data are known to be valid
     try:
-        run_dir = Path(cfg.run_dir)
-        if ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, derived, run_dir / "config.yaml")
-            log.info(
-                "world size %d, micro batch %d x accumulation %d = global batch %d; %d steps "
-                "(%d warmup); run dir %s",
-                ctx.world_size,
-                derived.micro_batch_size,
-                derived.grad_accum_steps,
-                derived.global_batch_size,
-                derived.total_steps,
-                derived.warmup_steps,
-                run_dir,
-            )
-        engine = build_engine(cfg, derived, ctx)
-        evaluator = Evaluator(cfg, ctx, eval_set.samples, tokenizer) if eval_set else None
-        started = time.time()
-        result = train(
-            cfg, derived, ctx, engine, train_batches, run_dir=run_dir, evaluator=evaluator
+        summary = _train(cfg, derived, ctx, tokenizer, train_batches, eval_set)
+    except BaseException:
+        shutdown(ctx, clean=False)
+        raise
+    # Only after _train's objects (the DDP reducer holds the process group) are gone.
+    shutdown(ctx, clean=True)
+    return summary
+
+
+def _train(
+    cfg: RunConfig,
+    derived: Derived,
+    ctx: DistContext,
+    tokenizer: Any,
+    train_batches: Any,
+    eval_set: Any,
+) -> dict:
+    """Build the engine, restore, train, save; everything that needs the process group."""
+    run_dir = Path(cfg.run_dir)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, derived, run_dir / "config.yaml")
+        log.info(
+            "world size %d, micro batch %d x accumulation %d = global batch %d; %d steps "
+            "(%d warmup); run dir %s",
+            ctx.world_size,
+            derived.micro_batch_size,
+            derived.grad_accum_steps,
+            derived.global_batch_size,
+            derived.total_steps,
+            derived.warmup_steps,
+            run_dir,
         )
-        summary = {
-            "steps": result.state.step,
-            "tokens_seen": result.state.tokens_seen,
-            "skipped_steps": result.state.num_skipped_steps,
-            "final_loss": result.losses[-1] if result.losses else None,
-            "train_seconds": round(time.time() - started, 2),
-            "eval": result.eval_history,
-            "data": result.data_totals,
-        }
-        if cfg.output.save_hf_model:
-            save_hf_model(engine, tokenizer, str(run_dir / "model"), ctx)
-            summary["model_dir"] = str(run_dir / "model")
+    engine = build_engine(cfg, derived, ctx)
+    evaluator = Evaluator(cfg, ctx, eval_set.samples, tokenizer) if eval_set else None
+    checkpointing = Checkpointing(
+        cfg,
+        ctx,
+        engine,
+        train_batches,
+        run_dir,
+        method=training_method(cfg),
+        config_yaml=(run_dir / "config.yaml").read_text() if ctx.is_main else "",
+    )
+    state = TrainState()
+    started = time.time()
+    try:
+        checkpointing.restore(state)
+        result = train(
+            cfg,
+            derived,
+            ctx,
+            engine,
+            train_batches,
+            run_dir=run_dir,
+            evaluator=evaluator,
+            state=state,
+            on_step_end=checkpointing.on_step_end,
+        )
+        if not result.stopped:
+            checkpointing.finish(result.state)
+    finally:
+        checkpointing.close()
+    summary = {
+        "steps": result.state.step,
+        "tokens_seen": result.state.tokens_seen,
+        "skipped_steps": result.state.num_skipped_steps,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "train_seconds": round(time.time() - started, 2),
+        "eval": result.eval_history,
+        "data": result.data_totals,
+    }
+    if result.stopped:
+        summary["stopped"] = True
         if ctx.is_main:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            log.info("%s", describe_eval_change(result.eval_history))
-            log.info(
-                "done: %s",
-                json.dumps({k: v for k, v in summary.items() if k not in ("eval", "data")}),
+            log.warning(
+                "stopped at step %d on request; rerun the same command to resume",
+                result.state.step,
             )
         return summary
-    finally:
-        shutdown(ctx)
+    if cfg.output.save_hf_model:
+        save_hf_model(engine, tokenizer, str(run_dir / "model"), ctx)
+        summary["model_dir"] = str(run_dir / "model")
+    if ctx.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("%s", describe_eval_change(result.eval_history))
+        log.info(
+            "done: %s",
+            json.dumps({k: v for k, v in summary.items() if k not in ("eval", "data")}),
+        )
+    return summary
+
+
+def training_method(cfg: RunConfig) -> str:
+    """What kind of training writes the checkpoints (full-parameter today; LoRA/QLoRA later)."""
+    return "full"
 
 
 def describe_eval_change(history: list[dict[str, float]]) -> str:

@@ -103,6 +103,23 @@ def torchrun_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _descendants(pid: int) -> list[int]:
+    """All processes below `pid` (torchrun's workers sit in process groups of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def run_torchrun(
     argv: list[str],
     nproc: int,
@@ -111,7 +128,9 @@ def run_torchrun(
     cwd: str | Path = REPO,
     env: dict | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run `torchrun --nproc_per_node=nproc <argv>` on a free port; kill the group on timeout."""
+    """Run `torchrun --nproc_per_node=nproc <argv>` on a free port. On timeout every process it
+    started is killed and the test fails; output goes through a file, so a straggler holding a
+    pipe open can never block the test."""
     cmd = [
         sys.executable,
         "-m",
@@ -121,22 +140,38 @@ def run_torchrun(
         f"--master_port={free_port()}",
         *argv,
     ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env=env or torchrun_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=env or torchrun_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            proc.wait(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        stragglers = _descendants(proc.pid)
+        deadline = time.monotonic() + 10
+        while stragglers and not timed_out and time.monotonic() < deadline:
+            time.sleep(0.2)  # a rank may still be exiting
+            stragglers = _descendants(proc.pid)
+        for pid in [*stragglers, proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        log.seek(0)
+        out = log.read()
+    if stragglers and not timed_out:
+        raise RanksFailed(
+            f"rank processes {stragglers} outlived torchrun (hang at exit)\n{out[-4000:]}"
+        )
+    if timed_out:
         raise RanksFailed(
             f"torchrun {' '.join(argv)} still running after {timeout}s; killed\n{out[-4000:]}"
-        ) from None
+        )
     return subprocess.CompletedProcess(cmd, proc.returncode, out, None)

@@ -134,6 +134,36 @@ class LoggingConfig(Section):
     )
 
 
+class CheckpointConfig(Section):
+    dir: str | None = Field(None, description="Where checkpoints go; default RUN_DIR/checkpoints.")
+    every_steps: int | None = Field(
+        None, ge=1, description="Save every N optimizer steps (null: only at the end / on stop)."
+    )
+    save_at_end: bool = Field(True, description="Save after the last step.")
+    resume: str = Field(
+        "auto",
+        description="auto = continue from the newest valid checkpoint if any; never; or a "
+        "checkpoint directory path.",
+    )
+    keep_last: int | None = Field(
+        None, ge=1, description="Keep only the newest N valid checkpoints (null: keep all)."
+    )
+    async_save: bool = Field(
+        False,
+        description="Write checkpoints in the background; training is blocked only while the "
+        "state is copied (DDP backend; DeepSpeed saves synchronously).",
+    )
+    verify_checksums: bool = Field(
+        True, description="On resume, check every file's sha256 (else sizes only)."
+    )
+    stop_signals: list[str] = Field(
+        ["SIGTERM", "SIGUSR1"],
+        description="Signals that make the run save a checkpoint at the end of the current "
+        "step and exit (preemption, time limits). Under torchrun, also pass "
+        "--signals-to-handle so it forwards them.",
+    )
+
+
 class OutputConfig(Section):
     save_hf_model: bool = Field(True, description="Save an HF-format model at the end.")
 
@@ -148,6 +178,7 @@ class RunConfig(Section):
     schedule: ScheduleConfig = ScheduleConfig()
     eval: EvalConfig = EvalConfig()
     logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     output: OutputConfig = OutputConfig()
 
 
@@ -270,6 +301,11 @@ def check_consistency(cfg: RunConfig) -> list[str]:
         problems.append("schedule.warmup_steps / schedule.warmup_ratio: set only one of them")
     if cfg.eval.num_generate and not cfg.data.eval_path:
         problems.append("eval.num_generate: needs data.eval_path")
+    import signal as _signal
+
+    for name in cfg.checkpoint.stop_signals:
+        if not isinstance(getattr(_signal, name, None), _signal.Signals):
+            problems.append(f"checkpoint.stop_signals: {name!r} is not a signal name")
     if cfg.eval.every_steps and not cfg.data.eval_path:
         problems.append("eval.every_steps: needs data.eval_path")
     return problems

@@ -9,6 +9,7 @@ and the process group agree. Everything else receives a `DistContext` explicitly
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -118,6 +119,13 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def shutdown(ctx: DistContext) -> None:
-    if ctx.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(ctx: DistContext, clean: bool = True) -> None:
+    """Tear the process group down. On a clean exit every rank first meets at a barrier and
+    frees what still references the group (a gloo group destroyed while a peer is still using
+    it, or freed after destroy, can block this process from exiting)."""
+    if not (ctx.distributed and dist.is_initialized()):
+        return
+    if clean:
+        gc.collect()
+        dist.barrier()
+    dist.destroy_process_group()

@@ -14,6 +14,8 @@ the whole global batch -- not a mean of per-micro-batch means.
 from __future__ import annotations
 
 import contextlib
+import json
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.loader import MODEL_INPUT_KEYS
 from data.templates import IGNORE_INDEX
+from trainer import dcp_io
 from trainer.dist import DistContext
 
 
@@ -42,6 +45,11 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def count_target_tokens(labels: torch.Tensor) -> torch.Tensor:
     """Tokens that carry loss in a micro-batch (after the causal shift)."""
     return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def model_fingerprint(model: nn.Module) -> dict[str, list[int]]:
+    """Names and shapes of the trainable parameters: what a checkpoint must match to load."""
+    return {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
 
 
 class Engine(Protocol):
@@ -169,14 +177,32 @@ class DDPEngine:
     def unwrapped_model(self) -> nn.Module:
         return self.module
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-        }
+    def save_state(self, directory: Path) -> None:
+        dcp_io.save(self._state(), directory)
+        self._save_scheduler(directory)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+    def save_state_async(self, directory: Path, process_group: Any) -> Future:
+        """Stage now, write in the background (the checkpoint manager publishes when done)."""
+        self._save_scheduler(directory)
+        return dcp_io.async_save(self._state(), directory, process_group)
+
+    def load_state(self, directory: Path) -> None:
+        dcp_io.load_into(self.module, self.optimizer, directory, trainable_only=self.trainable_only)
+        sched = json.loads((directory / "scheduler.json").read_text())
+        self.scheduler.load_state_dict(sched)
+
+    def full_state_dict_for_export(self) -> dict[str, torch.Tensor] | None:
+        return self.module.state_dict() if self.ctx.is_main else None
+
+    def _state(self) -> dict[str, Any]:
+        return dcp_io.model_optim_state(self.module, self.optimizer, self.trainable_only)
+
+    def _save_scheduler(self, directory: Path) -> None:
+        if self.ctx.is_main:
+            # The LR schedule is a few numbers; JSON keeps the checkpoint free of pickles.
+            (directory / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
+
+    @property
+    def trainable_only(self) -> bool:
+        """Save only trainable parameters when some are frozen (LoRA/QLoRA)."""
+        return len(self.trainable) < sum(1 for _ in self.module.parameters())

@@ -19,6 +19,7 @@ import torch
 
 from data.loader import Batch, StepBatches
 from data.templates import TokenizedSample
+from trainer import faults
 from trainer.config import Derived, RunConfig
 from trainer.dist import DistContext, all_reduce_sum, sum_counters
 from trainer.engine import Engine, count_target_tokens
@@ -64,6 +65,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # per step, as logged (NaN where skipped)
     eval_history: list[dict[str, float]] = field(default_factory=list)
     data_totals: dict[str, float] = field(default_factory=dict)  # summed over ranks, at the end
+    stopped: bool = False  # True when a stop was requested (signal) before the last step
 
 
 def num_real_tokens(batch: Batch) -> torch.Tensor | int:
@@ -76,9 +78,10 @@ def num_real_tokens(batch: Batch) -> torch.Tensor | int:
 
 
 def train_step(
-    engine: Engine, micro_batches: list[Batch], max_grad_norm: float | None
+    engine: Engine, micro_batches: list[Batch], max_grad_norm: float | None, step: int = 0
 ) -> StepResult:
-    """One optimizer step over this rank's micro-batches, normalized by global target tokens."""
+    """One optimizer step (`step`, 1-based) over this rank's micro-batches, normalized by the
+    global target-token count."""
     ctx = engine.ctx
     # Token counts come from CPU labels (no device sync); one all-reduce gives the global count
     # that every rank must divide by before its first backward.
@@ -92,6 +95,8 @@ def train_step(
     loss_sum = torch.zeros((), dtype=torch.float32, device=ctx.device)
     last = len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):
+        if i == last and i > 0:
+            faults.maybe_fail("micro_step", step, ctx.rank)  # test seam; no-op unless set
         loss_sum += engine.forward_backward(batch, loss_scale, is_last_micro_step=i == last).float()
     grad_norm = engine.clip_grad_norm(max_norm=max_grad_norm)
 
@@ -160,10 +165,10 @@ def train(
     run_dir: Path,
     evaluator: Callable[[Engine], dict[str, float]] | None = None,
     state: TrainState | None = None,
-    on_step_end: Callable[[TrainState, StepResult], None] | None = None,
+    on_step_end: Callable[[TrainState, StepResult], bool] | None = None,
 ) -> TrainResult:
     """Run from `state.step` to `derived.total_steps`. `on_step_end` runs after every step on
-    every rank (checkpointing plugs in there)."""
+    every rank (checkpointing plugs in there); it returns True to stop the run early."""
     assert derived.total_steps is not None
     total = derived.total_steps
     state = state or TrainState()
@@ -193,7 +198,7 @@ def train(
     try:
         while state.step < total:
             step_start = time.perf_counter()
-            res = train_step(engine, next(batches), cfg.train.max_grad_norm)
+            res = train_step(engine, next(batches), cfg.train.max_grad_norm, state.step + 1)
             step_time = time.perf_counter() - step_start
             state.step += 1
             state.tokens_seen += res.num_input_tokens
@@ -249,9 +254,11 @@ def train(
                 and state.step < total
             ):
                 run_eval()
-            if on_step_end is not None:
-                on_step_end(state, res)
-        run_eval()
+            if on_step_end is not None and on_step_end(state, res):
+                result.stopped = True
+                break
+        else:
+            run_eval()
         if data_metrics is not None:
             result.data_totals = data_totals(ctx, data_metrics())
     finally:

@@ -1,0 +1,111 @@
+"""Export a training checkpoint as an HF model: `python -m launch.export CHECKPOINT --output DIR`.
+
+CHECKPOINT is a checkpoint directory (RUN_DIR/checkpoints/step_N) or a checkpoints root, whose
+newest valid checkpoint is taken. The model is rebuilt from the checkpoint's own config
+(`model.name_or_path`), its weights replaced by the checkpoint's, and saved with safetensors,
+config and tokenizer, ready for `AutoModelForCausalLM.from_pretrained`. Runs in one process,
+no GPU needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from torch.distributed.checkpoint.api import CheckpointException
+
+from trainer.checkpoint import (
+    CheckpointError,
+    describe_error,
+    find_latest_valid,
+    read_trainer_state,
+    validate,
+)
+from trainer.config import ConfigError, RunConfig
+from trainer.dcp_io import UnsafeCheckpointError
+from trainer.model import ModelLoadError, build_model, build_tokenizer
+
+log = logging.getLogger("fttrain")
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    if (path / "trainer.json").exists() or (path / "COMPLETE").exists():
+        reason = validate(path)
+        if reason:
+            raise CheckpointError(f"{path}: not a usable checkpoint: {reason}")
+        return path
+    if path.is_dir():
+        found, notes = find_latest_valid(path)
+        for note in notes:
+            log.warning("%s", note)
+        if found is not None:
+            return found
+    raise CheckpointError(f"{path}: no valid checkpoint here")
+
+
+def load_checkpoint_weights(ckpt: Path, model: torch.nn.Module, backend: str) -> None:
+    """Replace `model`'s weights with the checkpoint's (resharded to one process)."""
+    engine_dir = ckpt / "engine"
+    if backend == "deepspeed":
+        from trainer.deepspeed_engine import load_zero_weights_for_export
+
+        load_zero_weights_for_export(engine_dir, model)
+        return
+    from trainer import dcp_io
+
+    saved = dcp_io.read_tensor_names(engine_dir)
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    trainable_only = set(saved) != set(model.state_dict())
+    missing = [n for n in saved if n not in expected or expected[n] != saved[n]]
+    if missing:
+        raise CheckpointError(
+            f"{ckpt}: checkpoint tensors do not fit the model at model.name_or_path "
+            f"(first: {missing[0]} {saved[missing[0]]})"
+        )
+    dcp_io.load_into(model, None, engine_dir, trainable_only=trainable_only)
+
+
+def export(checkpoint: Path, output: Path) -> Path:
+    ckpt = resolve_checkpoint(checkpoint)
+    trainer = read_trainer_state(ckpt)
+    try:
+        raw = yaml.safe_load((ckpt / "config.yaml").read_text())
+        raw.pop("derived", None)  # derived numbers are recorded beside the config, not in it
+        cfg = RunConfig.model_validate(raw)
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{ckpt}/config.yaml: unreadable ({e})") from None
+    model = build_model(cfg.model, torch.device("cpu"))
+    load_checkpoint_weights(ckpt, model, trainer.get("backend", "ddp"))
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output, safe_serialization=True)
+    build_tokenizer(cfg.model).save_pretrained(output)
+    log.info("exported %s (step %s) to %s", ckpt, trainer.get("step"), output)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="launch.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", type=Path, help="checkpoint directory or checkpoints root")
+    p.add_argument("--output", type=Path, required=True, help="HF model directory to write")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        export(args.checkpoint, args.output)
+    except (CheckpointError, ConfigError, ModelLoadError, UnsafeCheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointException as e:  # DCP's read errors (a BaseException, one per rank)
+        print(
+            f"error: {args.checkpoint}: cannot read the checkpoint ({describe_error(e)})",
+            file=sys.stderr,
+        )
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,640 @@
+"""Sharded, atomic, auto-resumed checkpoints.
+
+Layout under `checkpoint.dir` (default RUN_DIR/checkpoints):
+
+    step_00000100/              a published checkpoint
+      engine/                   the engine's sharded state (DCP for DDP, DeepSpeed's own format)
+      rank_00000.json ...       per rank: data-pipeline state and RNG states
+      trainer.json              counters, format version, versions, world size, model fingerprint
+      config.yaml               the resolved run config
+      manifest.json             every file above with its size and sha256
+      COMPLETE                  the completion marker, written after the manifest
+    latest                      name of the newest published checkpoint, updated last
+    .tmp-step_00000200/         a save in progress (or one that died): never chosen
+
+Publishing: every rank writes its own part into the temporary directory; after all ranks are
+done, the files are hashed in parallel (each rank a share), rank 0 writes the manifest and the
+marker, renames the directory to its final name (atomic on one filesystem) and then replaces
+`latest`. Any failure on any rank makes every rank raise `CheckpointSaveError`; published
+checkpoints are never touched, so the previous one stays intact.
+
+Resume (`checkpoint.resume: auto`): the newest checkpoint whose marker, manifest, sizes and
+checksums all check out; newer ones that do not are reported with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+from trainer.dist import DistContext
+
+log = logging.getLogger("fttrain")
+
+FORMAT_VERSION = 1
+MARKER = "COMPLETE"
+MANIFEST = "manifest.json"
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names the path and what is wrong."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """Saving failed on some rank; the previous checkpoint is intact."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Agreement between ranks: every phase ends with all ranks knowing whether any rank failed.
+
+
+def _agree(ctx: DistContext, error: str | None, group: Any = None) -> list[str]:
+    """All-gather each rank's error (or None); return the errors of all ranks."""
+    if not ctx.distributed:
+        return [error] if error else []
+    gathered: list[str | None] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, error, group=group)
+    return [f"rank {r}: {e}" for r, e in enumerate(gathered) if e]
+
+
+def describe_error(e: BaseException) -> str:
+    """One line: DCP's CheckpointException (a BaseException whose str is a multi-rank
+    traceback dump) unwrapped to each failing rank's exception."""
+    if isinstance(e, CheckpointException):
+        return "; ".join(
+            f"{type(exc).__name__}: {exc}" for _rank, (exc, _tb) in sorted(e.failures.items())
+        )
+    return f"{type(e).__name__}: {e}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files_under(root: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and p.name not in (MANIFEST, MARKER)
+    )
+
+
+def _hash_share(
+    ctx: DistContext, root: Path, files: list[str], group: Any = None
+) -> dict[str, dict]:
+    """Hash files[i] on rank i % world (in parallel), gather everything on every rank."""
+    mine = {}
+    for rel in files[ctx.rank :: ctx.world_size]:
+        path = root / rel
+        mine[rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    if not ctx.distributed:
+        return mine
+    gathered: list[dict] = [{} for _ in range(ctx.world_size)]
+    dist.all_gather_object(gathered, mine, group=group)
+    out: dict[str, dict] = {}
+    for part in gathered:
+        out.update(part)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and discovery.
+
+
+def validate(path: Path, verify_checksums: bool = True) -> str | None:
+    """None when `path` is a complete, intact checkpoint; otherwise the reason it is not."""
+    if not path.is_dir():
+        return "no such directory"
+    if not (path / MARKER).is_file():
+        return f"no {MARKER} marker (the save did not finish)"
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"unreadable {MANIFEST} ({e})"
+    if (path / MARKER).read_text().strip() != _sha256(path / MANIFEST):
+        return f"{MARKER} does not match {MANIFEST}"
+    for rel, meta in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"missing file {rel}"
+        if f.stat().st_size != meta["bytes"]:
+            return f"{rel} has {f.stat().st_size} bytes, manifest says {meta['bytes']} (truncated?)"
+        if verify_checksums and _sha256(f) != meta["sha256"]:
+            return f"{rel} fails its sha256 checksum (corrupted)"
+    return None
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Published-name checkpoint directories, newest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def find_latest_valid(root: Path, verify_checksums: bool = True) -> tuple[Path | None, list[str]]:
+    """The newest valid checkpoint under `root`, and a note per newer one passed over."""
+    notes = []
+    pointer = root / LATEST
+    if pointer.exists():
+        target = pointer.read_text().strip()
+        if not target:
+            notes.append(f"{pointer} is empty; scanning {root}")
+        elif not (root / target).is_dir():
+            notes.append(f"{pointer} names {target}, which does not exist; scanning {root}")
+    for _, path in list_checkpoints(root):
+        reason = validate(path, verify_checksums)
+        if reason is None:
+            return path, notes
+        notes.append(f"skipping {path}: {reason}")
+    return None, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state, as JSON (no pickles).
+
+
+def capture_rng() -> dict[str, Any]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "format": str(FORMAT_VERSION),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The manager.
+
+
+@dataclass
+class _Pending:
+    step: int
+    tmp: Path
+    future: Future | None
+    started: float
+
+
+class CheckpointManager:
+    """Saves and finds checkpoints for one run. Every method is collective (all ranks call it)."""
+
+    def __init__(
+        self,
+        root: Path,
+        ctx: DistContext,
+        *,
+        keep_last: int | None = None,
+        verify_checksums: bool = True,
+        async_save: bool = False,
+        fault_hook: Callable[[str, int], None] | None = None,
+    ):
+        self.root = Path(root)
+        self.ctx = ctx
+        self.keep_last = keep_last
+        self.verify_checksums = verify_checksums
+        self.async_save = async_save
+        self.pending: _Pending | None = None
+        self.last_saved_step: int | None = None
+        # Test seam: called with (point, step) at the phases of a save.
+        self.fault_hook = fault_hook or (lambda point, step: None)
+        # Checkpoint collectives run on their own gloo group so an async write in a background
+        # thread never interleaves with the training loop's collectives.
+        self.group = dist.new_group(backend="gloo") if ctx.distributed else None
+        if ctx.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(f"{TMP_PREFIX}*"):
+                log.warning(
+                    "removing unfinished checkpoint %s (a save that did not complete)", stale
+                )
+                shutil.rmtree(stale, ignore_errors=True)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.ctx.distributed:
+            dist.barrier(group=self.group)
+
+    def _raise_if_any(self, error: str | None, what: str) -> None:
+        errors = _agree(self.ctx, error, self.group)
+        if errors:
+            raise CheckpointSaveError(
+                f"{what} failed; the previous checkpoint is intact. " + "; ".join(errors)
+            )
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        engine: Any,
+        rank_state: dict[str, Any],
+        trainer_state: dict[str, Any],
+        config_yaml: str,
+    ) -> float:
+        """Save the state after optimizer step `step`; returns seconds the caller was blocked."""
+        started = time.perf_counter()
+        self.wait()  # a new save waits for the previous one to be published
+        tmp = self.root / f"{TMP_PREFIX}{checkpoint_name(step)}"
+        error = None
+        if self.ctx.is_main:
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                (tmp / "engine").mkdir(parents=True)
+            except OSError as e:
+                error = f"cannot create {tmp}: {e}"
+        self._raise_if_any(error, f"checkpoint save at step {step}")
+
+        future = None
+        error = None
+        try:
+            if self.async_save and hasattr(engine, "save_state_async"):
+                future = engine.save_state_async(tmp / "engine", self.group)
+            else:
+                engine.save_state(tmp / "engine")
+            self.fault_hook("after_engine_state", step)
+            _write_file(tmp / f"rank_{self.ctx.rank:05d}.json", json.dumps(rank_state))
+            if self.ctx.is_main:
+                trainer = {
+                    **trainer_state,
+                    "format_version": FORMAT_VERSION,
+                    "versions": versions(),
+                    "world_size": self.ctx.world_size,
+                    "step": step,
+                }
+                _write_file(tmp / "trainer.json", json.dumps(trainer, indent=1))
+                _write_file(tmp / "config.yaml", config_yaml)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank must hear about it, then all raise
+            error = describe_error(e)
+        self._raise_if_any(error, f"checkpoint save at step {step} ({tmp})")
+        self.pending = _Pending(step, tmp, future, started)
+        if future is None:
+            self._publish()
+        return time.perf_counter() - started
+
+    def poll(self) -> None:
+        """Publish a finished async save (cheap when none is pending). Call once per step."""
+        if self.pending is None or self.pending.future is None:
+            return
+        done = torch.tensor([1 if self.pending.future.done() else 0])
+        if self.ctx.distributed:
+            dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self.group)
+        if int(done.item()):
+            self._publish()
+
+    def wait(self) -> None:
+        """Block until a pending save is published."""
+        if self.pending is not None:
+            self._publish()
+
+    def _publish(self) -> None:
+        pending, self.pending = self.pending, None
+        assert pending is not None
+        step, tmp = pending.step, pending.tmp
+        error = None
+        if pending.future is not None:
+            try:
+                pending.future.result()
+            except (Exception, CheckpointException) as e:  # noqa: BLE001
+                error = describe_error(e)
+        self._raise_if_any(error, f"checkpoint write at step {step} ({tmp})")
+        self._barrier()  # every rank's files are on disk before anyone hashes them
+        error = None
+        manifest: dict[str, dict] = {}
+        try:
+            manifest = _hash_share(self.ctx, tmp, _files_under(tmp), self.group)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001
+            error = describe_error(e)
+        self._raise_if_any(error, f"checkpoint manifest at step {step} ({tmp})")
+        self.fault_hook("before_marker", step)
+        final = self.root / checkpoint_name(step)
+        error = None
+        if self.ctx.is_main:
+            try:
+                _write_file(tmp / MANIFEST, json.dumps({"step": step, "files": manifest}, indent=1))
+                _write_file(tmp / MARKER, _sha256(tmp / MANIFEST))
+                if final.exists():  # a stale copy of this step (e.g. a rerun): replace it
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+                _fsync_dir(self.root)
+                self.fault_hook("before_latest", step)
+                pointer_tmp = self.root / f"{TMP_PREFIX}{LATEST}"
+                _write_file(pointer_tmp, final.name)
+                os.replace(pointer_tmp, self.root / LATEST)
+                _fsync_dir(self.root)
+            except (Exception, CheckpointException) as e:  # noqa: BLE001
+                error = describe_error(e)
+        self._raise_if_any(error, f"checkpoint publish at step {step} ({final})")
+        self.last_saved_step = step
+        if self.ctx.is_main:
+            log.info("checkpoint saved: %s (%.1fs)", final, time.perf_counter() - pending.started)
+            self._prune()
+        self._barrier()
+
+    def _prune(self) -> None:
+        """Keep the newest `keep_last` valid checkpoints (one rank deletes; never the newest)."""
+        if not self.keep_last:
+            return
+        kept = 0
+        for _, path in list_checkpoints(self.root):
+            if kept < self.keep_last and validate(path, verify_checksums=False) is None:
+                kept += 1
+                continue
+            if kept == 0:
+                continue  # never delete anything newer than the newest valid checkpoint
+            log.info("removing old checkpoint %s (checkpoint.keep_last=%d)", path, self.keep_last)
+            shutil.rmtree(path, ignore_errors=True)
+
+    # -- resuming -----------------------------------------------------------------------------
+
+    def resolve_resume(self, resume: str) -> Path | None:
+        """`never` -> None; `auto` -> newest valid or None; a path -> that checkpoint (or error).
+        Rank 0 decides (hashing the files), then tells the others."""
+        choice: list[Any] = [None]
+        if self.ctx.is_main:
+            choice[0] = self._choose(resume)
+        if self.ctx.distributed:
+            dist.broadcast_object_list(choice, src=0, group=self.group)
+        if isinstance(choice[0], dict):
+            raise CheckpointError(choice[0]["error"])
+        return Path(choice[0]) if choice[0] else None
+
+    def _choose(self, resume: str) -> str | dict | None:
+        if resume == "never":
+            return None
+        if resume == "auto":
+            path, notes = find_latest_valid(self.root, self.verify_checksums)
+            for note in notes:
+                log.warning("resume: %s", note)
+            if path is None:
+                log.info("resume: no valid checkpoint under %s; starting from scratch", self.root)
+                return None
+            log.info("resume: continuing from %s", path)
+            return str(path)
+        path = Path(resume)
+        if not path.exists():
+            return {"error": f"checkpoint.resume={resume}: no such checkpoint"}
+        reason = validate(path, self.verify_checksums)
+        if reason:
+            return {"error": f"checkpoint.resume={resume}: not a usable checkpoint: {reason}"}
+        return str(path)
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / "trainer.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}/trainer.json: unreadable ({e})") from None
+
+
+def read_rank_state(path: Path, rank: int) -> dict[str, Any]:
+    """This rank's saved state; on a larger world than the one that saved, rank 0's."""
+    own = path / f"rank_{rank:05d}.json"
+    source = own if own.exists() else path / "rank_00000.json"
+    try:
+        return json.loads(source.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{source}: unreadable ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's side: restore at start, save every N steps / at the end / when a stop is requested.
+
+
+def check_compatible(
+    saved: dict[str, Any], path: Path, *, fingerprint: dict, method: str, backend: str
+) -> None:
+    """Raise CheckpointError naming what differs between a checkpoint and this run."""
+    fmt = int(saved.get("format_version", 0))
+    if fmt > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: written by a newer format (version {fmt}; this code reads up to "
+            f"{FORMAT_VERSION}); upgrade fttrain to resume it"
+        )
+    if saved.get("method") != method:
+        raise CheckpointError(
+            f"{path}: saved by a {saved.get('method')!r} run, this run is {method!r} training"
+        )
+    if saved.get("backend") != backend:
+        raise CheckpointError(
+            f"{path}: saved with train.backend={saved.get('backend')}, this run uses {backend}"
+        )
+    theirs = saved.get("model_fingerprint", {})
+    if theirs != fingerprint:
+        diffs = [
+            f"{n}: checkpoint {theirs.get(n)} vs model {fingerprint.get(n)}"
+            for n in sorted(set(theirs) | set(fingerprint))
+            if theirs.get(n) != fingerprint.get(n)
+        ]
+        shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+        raise CheckpointError(f"{path}: model shape differs from this run's model ({shown})")
+
+
+class _StopRequest:
+    """Turns the configured signals into a flag checked at step boundaries."""
+
+    def __init__(self, names: list[str]):
+        import signal
+
+        self.requested = 0
+        self.previous = {}
+        for name in names:
+            sig = getattr(signal, name)
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before (the run is over)."""
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = signum
+
+
+class Checkpointing:
+    """Ties a CheckpointManager to one run: what goes into a checkpoint and when."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        ctx: DistContext,
+        engine: Any,
+        train_batches: Any,
+        run_dir: Path,
+        *,
+        method: str,
+        config_yaml: str,
+    ):
+        from trainer import faults
+
+        c = cfg.checkpoint
+        self.cfg, self.ctx, self.engine, self.data = cfg, ctx, engine, train_batches
+        self.method, self.config_yaml = method, config_yaml
+        self.every = c.every_steps
+        self.save_at_end = c.save_at_end
+        self.manager = CheckpointManager(
+            Path(c.dir) if c.dir else run_dir / "checkpoints",
+            ctx,
+            keep_last=c.keep_last,
+            verify_checksums=c.verify_checksums,
+            async_save=c.async_save,
+            fault_hook=lambda point, step: faults.maybe_fail(point, step, ctx.rank),
+        )
+        self.stop = _StopRequest(c.stop_signals)
+        self.blocked_seconds: list[float] = []
+
+    def _fingerprint(self) -> dict:
+        from trainer.engine import model_fingerprint
+
+        return model_fingerprint(self.engine.unwrapped_model())
+
+    def restore(self, state: Any) -> Path | None:
+        """Load the checkpoint chosen by `checkpoint.resume` into engine, data, RNG and `state`."""
+        path = self.manager.resolve_resume(self.cfg.checkpoint.resume)
+        if path is None:
+            return None
+        saved = read_trainer_state(path)
+        check_compatible(
+            saved,
+            path,
+            fingerprint=self._fingerprint(),
+            method=self.method,
+            backend=self.cfg.train.backend,
+        )
+        try:
+            self.engine.load_state(path / "engine")
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - a library error here is the checkpoint's fault
+            raise CheckpointError(f"{path}/engine: cannot load ({describe_error(e)})") from None
+        state.load_state_dict(saved["train_state"])
+        rank_state = read_rank_state(path, self.ctx.rank)
+        self.data.load_state_dict(rank_state["data"])
+        if saved.get("world_size") == self.ctx.world_size:
+            restore_rng(rank_state["rng"])
+        self.manager.last_saved_step = state.step
+        if self.ctx.is_main:
+            log.info(
+                "resumed from %s at step %d (saved by %s ranks)",
+                path,
+                state.step,
+                saved.get("world_size"),
+            )
+        return path
+
+    def save(self, state: Any) -> None:
+        blocked = self.manager.save(
+            state.step,
+            self.engine,
+            rank_state={"data": self.data.state_dict(), "rng": capture_rng()},
+            trainer_state={
+                "train_state": state.state_dict(),
+                "method": self.method,
+                "backend": self.cfg.train.backend,
+                "model_fingerprint": self._fingerprint(),
+            },
+            config_yaml=self.config_yaml,
+        )
+        self.blocked_seconds.append(blocked)
+
+    def on_step_end(self, state: Any, result: Any) -> bool:
+        """Per-step hook for the loop; returns True when the run should stop (signal)."""
+        self.manager.poll()
+        stop = torch.tensor([self.stop.requested])
+        if self.ctx.distributed:
+            # Any rank's signal stops every rank at the same step.
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self.manager.group)
+        if int(stop.item()):
+            if self.ctx.is_main:
+                log.warning(
+                    "stop requested (signal %d): saving at step %d and exiting",
+                    int(stop.item()),
+                    state.step,
+                )
+            self.save(state)
+            self.manager.wait()
+            return True
+        if self.every and state.step % self.every == 0:
+            self.save(state)
+        return False
+
+    def close(self) -> None:
+        """Stop listening for stop signals."""
+        self.stop.restore()
+
+    def finish(self, state: Any) -> None:
+        """Save the final state (unless just saved) and wait for any background write."""
+        self.manager.wait()  # an async save of this very step may still be in flight
+        if self.save_at_end and self.manager.last_saved_step != state.step:
+            self.save(state)
+        self.manager.wait()
