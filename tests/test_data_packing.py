@@ -7,28 +7,24 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from data.packing import pack
 from data.shards import ShardSet
 from data.templates import IGNORE_INDEX, encode_row
 from tests.data_fixtures import char_tokenizer, config, make_shards, stream
+from tests.tiny_models import tiny_llama as make_tiny_llama
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
+    model = make_tiny_llama(
         # 101 = the char tokenizer's size before it got its template-marker tokens
-        vocab_size=max(101, len(char_tokenizer())),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        vocab=max(101, len(char_tokenizer())),
+        hidden=64,
+        heads=4,
         max_position_embeddings=256,
         attn_implementation="sdpa",
-    )
-    model = LlamaForCausalLM(cfg).float().eval()
+    ).eval()
     assert model.config._attn_implementation == "sdpa"
     return model
 

@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from data.loader import collate_right_pad
 from data.templates import IGNORE_INDEX, TokenizedSample
+from tests.tiny_models import CPU1, tiny_llama
 from trainer.config import OptimConfig, ScheduleConfig
-from trainer.dist import DistContext
 from trainer.engine import DDPEngine, count_target_tokens, token_loss_sum
 from trainer.optim import build_optimizer, build_scheduler
 
-CPU1 = DistContext(0, 0, 1, torch.device("cpu"), None)
-
 
 def make_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=60,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-    )
-    return LlamaForCausalLM(cfg).float()
+    return tiny_llama(vocab=60, hidden=32, heads=4)
 
 
 def make_samples() -> list[TokenizedSample]:

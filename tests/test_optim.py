@@ -6,28 +6,17 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from tests.tiny_models import CPU1
+from tests.tiny_models import tiny_llama as make_tiny_llama
 from trainer.config import OptimConfig, ScheduleConfig
-from trainer.dist import DistContext
 from trainer.engine import DDPEngine
 from trainer.optim import build_optimizer, build_scheduler, lr_multiplier, split_decay_groups
 
-CPU1 = DistContext(0, 0, 1, torch.device("cpu"), None)
-
 
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        attention_bias=True,
-    )
-    return LlamaForCausalLM(cfg)
+    return make_tiny_llama(vocab=50, hidden=16, heads=2, attention_bias=True)
 
 
 def test_no_weight_decay_on_bias_and_norm():
