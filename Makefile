@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 NPROC  ?= 2
 
-.PHONY: install demo demo-assets test test-fast lint format clean
+.PHONY: install demo demo-zero2 demo-assets test test-fast lint format clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ demo-assets: install
 demo: demo-assets
 	rm -rf runs/demo  # a fresh run each time (a kept run dir would auto-resume, already finished)
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m launch.train configs/demo.yaml
+
+demo-zero2: demo-assets
+	rm -rf runs/demo_zero2
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m launch.train configs/demo_zero2.yaml
 
 test: install lint
 	$(BIN)/python -m pytest -q -ra

@@ -52,6 +52,9 @@ USER_ERRORS = (
 )
 
 
+NON_ZERO_RANK_EXIT_DELAY_S = 10.0
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="launch.train", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="run config YAML (see configs/)")
@@ -78,6 +81,11 @@ def run(argv: list[str] | None = None) -> dict:
     setup_logging(world.rank)
     cfg = load_config(args.config, args.overrides)
     derived = resolve_batch(cfg, world.world_size)
+    if cfg.train.backend == "deepspeed":
+        # Imported only when used: DeepSpeed is slow to import and probes for accelerators.
+        from trainer.deepspeed_config import validate_deepspeed_config
+
+        validate_deepspeed_config(cfg, derived)  # a bad JSON fails before any rank waits
     seed_everything(cfg.seed)
     tokenizer = build_tokenizer(cfg.model)
     train_batches = build_train_batches(
@@ -211,9 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(argv)
     except USER_ERRORS as e:
-        # Every rank hits the same config/data error; only rank 0 prints it.
+        # Every rank hits the same config/data error; only rank 0 prints it. The others wait a
+        # moment before exiting: torchrun kills the remaining ranks as soon as one exits, which
+        # could otherwise cut rank 0 off before its message is out.
         if world_rank_or_zero() == 0:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(NON_ZERO_RANK_EXIT_DELAY_S)
         return 2
     return 0
 

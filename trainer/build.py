@@ -38,7 +38,9 @@ def build_engine(cfg: RunConfig, derived: Derived, ctx: DistContext) -> Engine:
 
 
 def save_hf_model(engine: Engine, tokenizer: Any, out_dir: str, ctx: DistContext) -> None:
-    """Rank 0 writes safetensors + config + tokenizer that `from_pretrained` loads."""
+    """Rank 0 writes safetensors + config + tokenizer that `from_pretrained` loads. Collective:
+    under ZeRO-3 the full weights are gathered from every rank first."""
+    state = engine.full_state_dict_for_export()
     if ctx.is_main:
-        engine.unwrapped_model().save_pretrained(out_dir, safe_serialization=True)
+        engine.unwrapped_model().save_pretrained(out_dir, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)

@@ -28,6 +28,7 @@ from data.loader import MODEL_INPUT_KEYS
 from data.templates import IGNORE_INDEX
 from trainer import dcp_io
 from trainer.dist import DistContext
+from trainer.model import full_shape
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,7 @@ def count_target_tokens(labels: torch.Tensor) -> torch.Tensor:
 
 def model_fingerprint(model: nn.Module) -> dict[str, list[int]]:
     """Names and shapes of the trainable parameters: what a checkpoint must match to load."""
-    return {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    return {n: list(full_shape(p)) for n, p in model.named_parameters() if p.requires_grad}
 
 
 class Engine(Protocol):

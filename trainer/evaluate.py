@@ -19,10 +19,16 @@ from trainer.engine import autocast_context, count_target_tokens, token_loss_sum
 
 
 def _my_share(samples: list[TokenizedSample], ctx: DistContext, limit: int | None) -> list:
+    """This rank's (index, sample) pairs: every world_size-th sample. Every rank gets the same
+    count (short ranks are topped up with index -1 fillers, which count for nothing) because
+    under ZeRO-3 each forward is a collective that all ranks must join."""
     items = list(enumerate(samples))
     if limit is not None:
         items = items[:limit]
-    return items[ctx.rank :: ctx.world_size]
+    mine = items[ctx.rank :: ctx.world_size]
+    per_rank = -(-len(items) // ctx.world_size)
+    filler = TokenizedSample(samples[0].input_ids, [IGNORE_INDEX] * len(samples[0]))
+    return mine + [(-1, filler)] * (per_rank - len(mine))
 
 
 @torch.no_grad()
@@ -81,7 +87,8 @@ def eval_exact_match(
     mine = _my_share(samples, ctx, num_samples)
     counts = torch.zeros(2, dtype=torch.float64, device=ctx.device)
     for start in range(0, len(mine), batch_size):
-        chunk = [split_prompt_response(s, eos_id) for _, s in mine[start : start + batch_size]]
+        batch_items = mine[start : start + batch_size]
+        chunk = [split_prompt_response(s, eos_id) for _, s in batch_items]
         width = max(len(p) for p, _ in chunk)
         # Left padding, so every prompt ends at the same column and generation continues it.
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
@@ -99,7 +106,9 @@ def eval_exact_match(
                 eos_token_id=eos_id,
             )
         generated = out[:, width:].tolist()  # host sync: once per generation batch
-        for (_, reference), tokens in zip(chunk, generated, strict=True):
+        for (index, _), (_, reference), tokens in zip(batch_items, chunk, generated, strict=True):
+            if index < 0:
+                continue  # a filler (see _my_share)
             if eos_id in tokens:
                 tokens = tokens[: tokens.index(eos_id)]
             counts[0] += float(tokens == reference)

@@ -12,6 +12,12 @@ from trainer.config import ModelConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def full_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
+    """A parameter's real shape, also under ZeRO-3 (which leaves an empty placeholder in the
+    module and keeps the shape as `ds_shape`)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
 class ModelLoadError(RuntimeError):
     """The model or tokenizer at `model.name_or_path` could not be loaded."""
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from trainer.config import OptimConfig, ScheduleConfig
+from trainer.model import full_shape
 
 
 def split_decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -19,7 +20,7 @@ def split_decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Pa
     for module in model.modules():
         is_norm = isinstance(module, norm_types) or "norm" in type(module).__name__.lower()
         for name, p in module.named_parameters(recurse=False):
-            if is_norm or name == "bias" or p.ndim < 2:
+            if is_norm or name == "bias" or len(full_shape(p)) < 2:
                 no_decay_ids.add(id(p))
     decay, no_decay = [], []
     for p in model.parameters():

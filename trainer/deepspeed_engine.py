@@ -1,0 +1,311 @@
+"""DeepSpeed ZeRO 1/2/3 (optionally with CPU offload) behind the loop's `Engine` protocol.
+
+How the protocol maps onto DeepSpeed:
+
+- Loss: the loop already divides by the global target-token count and multiplies by world size
+  (see `trainer.engine`); ZeRO averages gradients over ranks exactly like DDP. DeepSpeed's
+  `backward` would also divide by gradient_accumulation_steps, so it is called with
+  `scale_wrt_gas=False`.
+- Accumulation boundary: the loop, not DeepSpeed's micro-step counter, decides which micro-step
+  ends an optimizer step; it is set explicitly before every micro-step.
+- Norm/clipping: DeepSpeed clips inside its own `step()` (`gradient_clipping`, filled from
+  `train.max_grad_norm`) and only reports the norm afterwards, but the loop needs the pre-clip
+  norm BEFORE stepping, to decide whether to skip. `clip_grad_norm` therefore asks the ZeRO
+  optimizer for the same all-reduced norm of its gradient partitions that `step()` computes
+  (one extra norm pass + a scalar all-reduce per optimizer step).
+- Skip: the ZeRO optimizer's `step()` is still run so that it clears its gradient buffers and
+  partition bookkeeping the way it does after any step, but with the wrapped torch optimizer's
+  update disabled: the fp32 partitions and the Adam moments do not change, so the parameters it
+  copies back and all-gathers are the unchanged ones, on every rank.
+- LR schedule: our LambdaLR on the client AdamW, stepped here after every optimizer step (skipped
+  or not). It is not handed to DeepSpeed, which would not advance it on a step it skips itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from data.loader import MODEL_INPUT_KEYS
+from trainer.config import Derived, RunConfig
+from trainer.deepspeed_config import validate_deepspeed_config, zero_stage
+from trainer.dist import DistContext, barrier
+from trainer.engine import token_loss_sum
+from trainer.model import build_model
+from trainer.optim import build_optimizer, build_scheduler
+
+TAG = "ds"  # the sub-directory DeepSpeed writes its shards into
+UNIVERSAL_TAG = f"{TAG}_universal"
+
+
+class DeepSpeedResumeError(RuntimeError):
+    """A DeepSpeed checkpoint cannot be loaded into this run."""
+
+
+@contextlib.contextmanager
+def _updates_disabled(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Make `optimizer.step()` a no-op for the duration (an instance attribute shadows the
+    method, including any wrapper an LR scheduler installed; both are restored)."""
+    had_own = "step" in optimizer.__dict__
+    own = optimizer.__dict__.get("step")
+    optimizer.step = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if had_own:
+            optimizer.step = own  # type: ignore[method-assign]
+        else:
+            del optimizer.step
+
+
+def _ensure_process_group(ctx: DistContext) -> None:
+    """Make DeepSpeed's communication layer use our process group. `init_distributed` already
+    started it under torchrun (DeepSpeed then just wraps it); a run launched without torchrun
+    has none, and DeepSpeed needs one even for one process, so a one-rank group starts here."""
+    import deepspeed
+
+    if not dist.is_initialized():
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(name, value)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29531")
+    deepspeed.init_distributed(
+        dist_backend="nccl" if ctx.device.type == "cuda" else "gloo", auto_mpi_discovery=False
+    )
+
+
+class DeepSpeedEngine:
+    """A model trained by a DeepSpeed engine with our client AdamW and LambdaLR."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        ctx: DistContext,
+        ds_config: dict[str, Any],
+    ):
+        import deepspeed
+
+        _ensure_process_group(ctx)
+        self.ctx = ctx
+        self.scheduler = scheduler
+        self.ds_config = ds_config
+        self.stage = zero_stage(ds_config)
+        if self.stage not in (1, 2, 3):
+            raise ValueError(
+                f"deepspeed zero_optimization.stage={self.stage}: only stages 1-3 are supported "
+                "(use train.backend=ddp for plain data parallel)"
+            )
+        self.max_grad_norm = float(ds_config.get("gradient_clipping", 0.0))
+        # Only requires_grad parameters are optimized, clipped and saved (LoRA: the adapters).
+        self.trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
+        self.has_frozen = any(not p.requires_grad for p in model.parameters())
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=ds_config,
+            dist_init_required=False,
+        )
+        # The torch AdamW that ZeRO drives on its fp32 partitions (its param groups are the ones
+        # our LambdaLR edits, so the schedule reaches the partitions).
+        self.client_optimizer = optimizer
+
+    # -- the training step --------------------------------------------------------------------
+
+    def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {
+            k: batch[k].to(self.ctx.device, non_blocking=True)
+            for k in MODEL_INPUT_KEYS
+            if k in batch
+        }
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # No autocast: under bf16 DeepSpeed holds the module in bf16 itself (fp32 masters in the
+        # optimizer); under fp32 there is nothing to cast.
+        return self.ds(**self._model_inputs(batch), use_cache=False).logits
+
+    def forward_backward(
+        self, batch: dict[str, torch.Tensor], loss_scale: torch.Tensor, is_last_micro_step: bool
+    ) -> torch.Tensor:
+        # ZeRO reduces (stage 2/3: reduce-scatters) as it goes; the boundary tells it when the
+        # accumulated partitions are final (and, under offload, when to move them to the CPU).
+        self.ds.set_gradient_accumulation_boundary(is_last_micro_step)
+        labels = batch["labels"].to(self.ctx.device, non_blocking=True)
+        logits = self.forward(batch)
+        loss_sum = token_loss_sum(logits, labels)
+        # scale_wrt_gas=False: loss_scale already normalizes over all micro-steps and ranks.
+        self.ds.backward(loss_sum * loss_scale.to(loss_sum.device), scale_wrt_gas=False)
+        return loss_sum.detach()
+
+    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
+        if (max_norm or 0.0) != self.max_grad_norm:
+            raise ValueError(
+                f"clip_grad_norm(max_norm={max_norm}) but deepspeed gradient_clipping="
+                f"{self.max_grad_norm}: the DeepSpeed config must be built from this run config"
+            )
+        from deepspeed.runtime.utils import combine_grad_norm_groups
+
+        opt = self.ds.optimizer
+        # The all-reduced L2 norm of the (loss-scaled) gradient partitions: what ZeRO's step()
+        # computes and clips with. Its helpers report NaN/inf as -1, which combine turns into inf.
+        if self.stage == 3:
+            norm = combine_grad_norm_groups(opt._get_norm_groups())
+        else:
+            norm = opt.scaled_global_norm()
+        # Clipping itself happens inside optimizer_step (DeepSpeed's gradient_clipping).
+        return (norm / opt.loss_scale).detach().float()
+
+    def optimizer_step(self, skip: bool) -> None:
+        guard = _updates_disabled(self.client_optimizer) if skip else contextlib.nullcontext()
+        with guard:
+            self.ds.step()
+        # The schedule follows optimizer steps taken by the loop, skipped or not (as DDPEngine).
+        self.scheduler.step()
+
+    def current_lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()
+
+    def unwrapped_model(self) -> nn.Module:
+        # Under ZeRO-3 its parameters are partitioned; forwards still work (DeepSpeed's hooks
+        # live on the module) but are collective: every rank must run the same forwards.
+        return self.ds.module
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def save_state(self, directory: Path) -> None:
+        """Collective: DeepSpeed's sharded format under `directory/ds/` (one optimizer shard per
+        rank, model states by rank 0, or per rank under ZeRO-3), plus the LR schedule."""
+        from deepspeed.checkpoint import constants as ckpt
+
+        # The marker DeepSpeed's universal conversion requires, so that a resume at another
+        # world size (load_state) can convert this checkpoint.
+        universal = {ckpt.UNIVERSAL_CHECKPOINT_VERSION_KEY: ckpt.UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+        self.ds.save_checkpoint(
+            str(directory),
+            tag=TAG,
+            client_state={
+                "scheduler": self.scheduler.state_dict(),
+                ckpt.UNIVERSAL_CHECKPOINT_INFO: universal,
+            },
+            save_latest=False,
+            exclude_frozen_parameters=self.has_frozen,
+        )
+
+    def load_state(self, directory: Path) -> None:
+        """Collective: restore `save_state`'s output. If it was written at another world size,
+        it is first converted once to DeepSpeed's universal format (`directory/ds_universal/`,
+        written by rank 0), which any world size can load."""
+        directory = Path(directory)
+        saved_world = _saved_world_size(directory / TAG)
+        if saved_world == 0:
+            raise DeepSpeedResumeError(f"{directory / TAG}: no DeepSpeed optimizer shards found")
+        tag = TAG
+        if saved_world != self.ctx.world_size:
+            if self.ctx.is_main and not (directory / UNIVERSAL_TAG).is_dir():
+                convert_to_universal(directory)
+            barrier(self.ctx)
+            tag = UNIVERSAL_TAG
+            # DeepSpeed reads this switch from its config at load time; set it for this load.
+            self.ds._config.load_universal_checkpoint = True
+        try:
+            path, client_state = self.ds.load_checkpoint(
+                str(directory),
+                tag=tag,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+                load_module_strict=not self.has_frozen,
+            )
+        finally:
+            self.ds._config.load_universal_checkpoint = False
+        if path is None:
+            raise DeepSpeedResumeError(f"{directory / tag}: DeepSpeed could not load it")
+        if not client_state or "scheduler" not in client_state:
+            raise DeepSpeedResumeError(f"{directory / tag}: no LR-schedule state in it")
+        self.scheduler.load_state_dict(client_state["scheduler"])
+
+    def full_state_dict_for_export(self) -> dict[str, torch.Tensor] | None:
+        """Collective under ZeRO-3 (a gather of every partition); rank 0 gets the full state
+        dict on the CPU, other ranks None."""
+        if self.stage == 3:
+            state = self.ds._zero3_consolidated_16bit_state_dict()
+        else:
+            # ZeRO 1/2 keep full parameters on every rank (updated by all-gather each step).
+            state = self.ds.module.state_dict() if self.ctx.is_main else None
+        if not self.ctx.is_main:
+            return None
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def _saved_world_size(tag_dir: Path) -> int:
+    """Ranks that wrote the checkpoint: one optimizer shard per data-parallel rank."""
+    return len(glob.glob(str(tag_dir / "*_optim_states.pt")))
+
+
+def convert_to_universal(directory: Path) -> Path:
+    """Convert `directory/ds` (DeepSpeed ZeRO shards) into `directory/ds_universal`, loadable at
+    any world size. Single process, CPU only; also usable offline on a finished checkpoint."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = Path(directory) / UNIVERSAL_TAG
+    args = Namespace(
+        input_folder=str(Path(directory) / TAG),
+        output_folder=str(out),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
+    ds_to_universal(args)
+    return out
+
+
+def build_deepspeed_engine(cfg: RunConfig, derived: Derived, ctx: DistContext) -> DeepSpeedEngine:
+    """Model -> optimizer -> schedule -> DeepSpeed, with the DeepSpeed config resolved first
+    (under ZeRO-3 the model is built already partitioned)."""
+    assert derived.total_steps is not None and derived.warmup_steps is not None
+    ds_config = validate_deepspeed_config(cfg, derived, ctx.device.type)
+    assert ds_config is not None
+    _ensure_process_group(ctx)  # zero.Init inside build_model partitions over the group
+    model = build_model(cfg.model, ctx.device, deepspeed_config=ds_config)
+    # Under ZeRO-3 parameters are partitioned placeholders; split_decay_groups reads ds_shape.
+    optimizer = build_optimizer(model, cfg.optim)
+    # DeepSpeed cannot flatten an empty group (e.g. LoRA with no trainable 1-D params).
+    optimizer.param_groups = [g for g in optimizer.param_groups if g["params"]]
+    scheduler = build_scheduler(optimizer, cfg.schedule, derived.total_steps, derived.warmup_steps)
+    return DeepSpeedEngine(model, optimizer, scheduler, ctx, ds_config)
+
+
+def load_zero_weights_for_export(engine_dir: Path, model: nn.Module) -> None:
+    """Put a ZeRO checkpoint's fp32 weights (written by `save_state`) into a plain `model`, in
+    one process: DeepSpeed's zero_to_fp32 merges the per-rank partitions on the CPU."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag=TAG)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Buffers (e.g. rotary tables) are not in the checkpoint; parameters must all be there.
+    params = {n for n, _ in model.named_parameters()}
+    lost = [n for n in missing if n in params]
+    if lost or unexpected:
+        raise RuntimeError(
+            f"{engine_dir}: ZeRO checkpoint does not fit the model (missing {lost[:3]}, "
+            f"unexpected {list(unexpected)[:3]})"
+        )
