@@ -252,6 +252,32 @@ def test_zero3_export_reloads_with_same_logits(tiny_assets, tmp_path, ranks):
     assert (before - first["logits"]).abs().max().item() > 1e-3  # it really trained
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stage_json", ["zero2.json", "zero3.json"])
+def test_launch_export_of_zero_checkpoint_matches_trained_model(
+    tiny_assets, tmp_path, ranks, stage_json
+):
+    """`python -m launch.export` on a ZeRO checkpoint (merged on the CPU by zero_to_fp32) gives
+    the weights the run ended with (its own HF save, gathered from the ranks)."""
+    from transformers import AutoModelForCausalLM
+
+    from launch.export import main as export_main
+
+    run = tmp_path / "run"
+    ranks(_train_rank, 2, tiny_config_args(tiny_assets, run, *ds_args(stage_json)), timeout=240)
+    out = tmp_path / "exported"
+    assert export_main([str(run / "checkpoints"), "--output", str(out)]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    trained = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    initial = AutoModelForCausalLM.from_pretrained(tiny_assets / "model").eval()
+    ids = torch.tensor([[1, 20, 21, 22, 23, 5, 6]])
+    with torch.no_grad():
+        a, b, c = exported(ids).logits, trained(ids).logits, initial(ids).logits
+    assert (a - b).abs().max().item() <= 1e-5
+    assert (a - c).abs().max().item() > 1e-3
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Config validation: every shipped JSON resolves; conflicts are named, all at once.
 
