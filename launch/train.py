@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +75,20 @@ def setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def run(argv: list[str] | None = None) -> dict:
-    """Everything `main` does, raising instead of exiting; returns the run summary."""
+@dataclass
+class Prepared:
+    """Everything known before any process group starts: validated config and data."""
+
+    cfg: RunConfig
+    derived: Derived
+    tokenizer: Any
+    train_batches: Any
+    eval_set: Any
+
+
+def prepare(argv: list[str] | None = None) -> Prepared:
+    """Parse and validate the config, build tokenizer and data; raises a user error (one clear
+    message) on bad input, before anything distributed starts."""
     args = parse_args(argv)
     world = world_from_env()
     setup_logging(world.rank)
@@ -99,10 +112,15 @@ def run(argv: list[str] | None = None) -> dict:
     )
     eval_set = build_eval_dataset(cfg.data, tokenizer)
     derived = with_total_steps(cfg, derived, train_batches.steps_per_epoch)
+    return Prepared(cfg, derived, tokenizer, train_batches, eval_set)
 
+
+def run(argv: list[str] | None = None) -> dict:
+    """Everything `main` does, raising instead of exiting; returns the run summary."""
+    p = prepare(argv)
     ctx = init_distributed()  # only now: config and data are known to be valid
     try:
-        summary = _train(cfg, derived, ctx, tokenizer, train_batches, eval_set)
+        summary = _train(p.cfg, p.derived, ctx, p.tokenizer, p.train_batches, p.eval_set)
     except BaseException:
         shutdown(ctx, clean=False)
         raise

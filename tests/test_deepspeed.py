@@ -86,28 +86,13 @@ def test_zero3_offload_trains(tiny_assets, tmp_path, ranks):
 def _resume_rank(argv: list[str], total: int, save_at: int | None, save_dir, load_dir) -> list:
     """Train steps [start, total) through the loop's own `train_step`; start = save_at when
     loading. Saves after step `save_at` when `save_dir` is given. Returns the per-step losses."""
-    from data.build import build_train_batches
-    from trainer.build import build_engine, seed_everything
-    from trainer.config import load_config, resolve_batch, with_total_steps
-    from trainer.dist import init_distributed, shutdown, world_from_env
+    from launch.train import prepare
+    from trainer.build import build_engine
+    from trainer.dist import init_distributed, shutdown
     from trainer.loop import train_step
-    from trainer.model import build_tokenizer
 
-    cfg = load_config(argv[0], argv[1:])
-    world = world_from_env()
-    derived = resolve_batch(cfg, world.world_size)
-    seed_everything(cfg.seed)
-    tokenizer = build_tokenizer(cfg.model)
-    batches = build_train_batches(
-        cfg.data,
-        tokenizer,
-        rank=world.rank,
-        world_size=world.world_size,
-        micro_batch_size=derived.micro_batch_size,
-        grad_accum_steps=derived.grad_accum_steps,
-        seed=cfg.seed,
-    )
-    derived = with_total_steps(cfg, derived, batches.steps_per_epoch)
+    p = prepare(argv)
+    cfg, derived, batches = p.cfg, p.derived, p.train_batches
     ctx = init_distributed()
     try:
         engine = build_engine(cfg, derived, ctx)

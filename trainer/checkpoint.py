@@ -610,9 +610,10 @@ class Checkpointing:
     def on_step_end(self, state: Any, result: Any) -> bool:
         """Per-step hook for the loop; returns True when the run should stop (signal)."""
         self.manager.poll()
+        # A CPU tensor on the gloo checkpoint group: a small host-side collective per step, no
+        # device sync. Any rank's signal stops every rank at the same step.
         stop = torch.tensor([self.stop.requested])
         if self.ctx.distributed:
-            # Any rank's signal stops every rank at the same step.
             dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self.manager.group)
         if int(stop.item()):
             if self.ctx.is_main:

@@ -103,7 +103,7 @@ def train_step(
     stats = torch.stack([loss_sum.double(), grad_norm.detach().double().to(ctx.device)])
     all_reduce_sum(ctx, stats[:1])  # NaN/inf on any rank makes the sum non-finite on all
     global_loss_sum, norm = stats.tolist()  # host sync: once per step, decides skip + logging
-    num_target, num_input = counts.tolist()
+    num_target, num_input = counts.tolist()  # host sync: already complete after the line above
     loss = global_loss_sum / max(num_target, 1.0)
     skipped = not (math.isfinite(loss) and math.isfinite(norm))
     engine.optimizer_step(skip=skipped)
