@@ -350,3 +350,30 @@ def test_nonfinite_loss_on_one_rank_skips_step_under_zero2(tiny_assets, tmp_path
         assert r["summary"]["skipped_steps"] == 1 and r["summary"]["steps"] == 6
         assert math.isfinite(r["summary"]["final_loss"])
     assert torch.equal(results[0]["weights"], results[1]["weights"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("stage_json", ["zero2.json", "zero3.json"])
+def test_sigkill_and_auto_resume_under_zero(tiny_assets, tmp_path, stage_json):
+    """Real torchrun, two SIGKILLs (inside accumulation; inside a save, shards written) and an
+    automatic resume: per-step losses and final weights equal the uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    from tests.test_checkpoint_resume import last_losses, torchrun_train
+
+    overrides = ("train.max_steps=6", "checkpoint.every_steps=2", *ds_args(stage_json))
+    straight = tmp_path / "straight"
+    proc = torchrun_train(tiny_assets, straight, *overrides)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    crashy = tmp_path / "crashy"
+    for fault in ("micro_step:3:1", "after_engine_state:4:0"):
+        proc = torchrun_train(tiny_assets, crashy, *overrides, fault=fault)
+        assert proc.returncode != 0, f"{fault}: the injected kill did not happen"
+    proc = torchrun_train(tiny_assets, crashy, *overrides)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "continuing from" in proc.stdout and "step_00000002" in proc.stdout
+    assert last_losses(crashy) == last_losses(straight)
+    a = load_file(crashy / "model" / "model.safetensors")
+    b = load_file(straight / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
