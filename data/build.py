@@ -7,7 +7,6 @@ it is a JSONL file read map-style (data.loader).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -57,25 +56,19 @@ def build_train_batches(
 
 def build_eval_dataset(cfg: DataConfig, tokenizer: Any) -> InstructionDataset | None:
     """The (small, fully read) evaluation set, or None when `data.eval_path` is unset. A shard
-    directory is read whole, in manifest order; any bad row is an error here (eval is small and
-    should be clean)."""
+    directory is read whole, in manifest order. Bad rows follow `data.bad_rows` as in training;
+    an eval set with no usable row is a DataError naming `data.eval_path`."""
     if not cfg.eval_path:
         return None
-    if not uses_shards(cfg, cfg.eval_path, "data.eval_path"):
-        return InstructionDataset(cfg.eval_path, tokenizer, cfg)
+    key = "data.eval_path"
+    if not uses_shards(cfg, cfg.eval_path, key):
+        return InstructionDataset(cfg.eval_path, tokenizer, cfg, key=key)
     try:
         shards = ShardSet(cfg.eval_path, cfg.storage_options)
-        rows = []
-        for shard, row, data in shards.iter_rows():
-            try:
-                obj = json.loads(data.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise DataError(
-                    f"{shards.display_path(shard)}:{row + 1}: not valid JSON ({e})"
-                ) from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{shards.display_path(shard)}:{row + 1}: expected a JSON object")
-            rows.append(obj)
+        records = (
+            (f"{shards.display_path(shard)}:{row + 1}", data)
+            for shard, row, data in shards.iter_rows()
+        )
+        return InstructionDataset(cfg.eval_path, tokenizer, cfg, records, key=key)
     except ShardUnreadable as e:
-        raise DataError(f"data.eval_path: {e}") from None
-    return InstructionDataset(cfg.eval_path, tokenizer, cfg, rows=rows)
+        raise DataError(f"{key}: {e}") from None

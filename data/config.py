@@ -46,12 +46,14 @@ class DataConfig(Section):
     )
     seq_len: int = Field(512, ge=8, description="Maximum tokens per sample (and per packed row).")
     overlong: Literal["truncate", "drop"] = Field(
-        "truncate", description="Samples longer than seq_len: cut to seq_len, or skip (counted)."
+        "truncate",
+        description="Samples longer than seq_len: cut to seq_len (counted as truncated), or skip "
+        "(counted as skipped_too_long; not bad data).",
     )
     packing: bool = Field(
         False,
-        description="Shards only: pack each micro-batch's samples into as few seq_len rows as "
-        "possible (position_ids restart per sample; attention stays inside each sample).",
+        description="Pack each micro-batch's samples into as few seq_len rows as possible "
+        "(position_ids restart per sample; attention stays inside each sample).",
     )
     shuffle_window: int = Field(
         4096,
@@ -66,14 +68,16 @@ class DataConfig(Section):
     )
     bad_rows: Literal["lenient", "strict"] = Field(
         "lenient",
-        description="Shards only: skip and count bad rows (lenient) or stop at the first one "
-        "with an error naming file and line (strict).",
+        description="Rows that cannot be used (invalid UTF-8/JSON/Unicode, missing or mistyped "
+        "fields, ...), in training and eval data: skip, count by kind and log (lenient), or stop "
+        "at the first one with an error naming file and line (strict).",
     )
     max_bad_fraction: float = Field(
         0.01,
         ge=0.0,
         le=1.0,
         description="Lenient mode: stop with an error once more than this share of the rows "
-        "read by a data worker were skipped as bad.",
+        "read by a data worker (shards) or of a JSONL file were bad; a worker whose every row so "
+        "far was bad stops after a few rows.",
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank.")

@@ -1,4 +1,5 @@
-"""Map-style data for the training loop: a JSONL file, `DistributedSampler`, padded micro-batches.
+"""Map-style data for the training loop: a JSONL file tokenized in memory, one global order per
+epoch, padded or packed micro-batches.
 
 The loop consumes a `StepBatches`: an iterator that yields, for each optimizer step, this rank's
 list of `grad_accum_steps` micro-batches, and whose `state_dict()` is enough to continue exactly
@@ -7,33 +8,38 @@ where it stopped. A micro-batch is a dict of equally shaped [B, T] tensors:
 - `input_ids` (long), `labels` (long, -100 where no loss, unshifted as in HF),
 - `attention_mask` (long, 1 = real token) and/or `position_ids` (long; packing restarts them),
 - `sample_index` (long [B], the dataset row of each sample; not passed to the model). Packed
-  micro-batches (data.streaming with `data.packing`) have several samples per row: [B, K], -1
-  where a row has fewer than K samples. Packed micro-batches also carry `num_tokens` (a scalar:
-  real, non-pad tokens), since they have no attention_mask to count them from.
+  micro-batches (`data.packing`) have several samples per row: [B, K], -1 where a row has fewer
+  than K samples. Packed micro-batches also carry `num_tokens` (a scalar: real, non-pad tokens),
+  since they have no attention_mask to count them from.
 
-`metrics()` returns counters (dict of numbers) the loop logs; summed over ranks they are totals.
-Streaming from shards (data.streaming) yields the same structure.
+`metrics()` returns this rank's counters (dict of numbers) as it consumed its samples; summed over
+ranks they are totals. Streaming from shards (data.streaming) yields the same structure and
+counter names.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from data.config import DataConfig
+from data.packing import collate
+from data.plan import Plan
+from data.rows import BadRows, DataError, decode_row
 from data.templates import IGNORE_INDEX, RowError, TokenizedSample, encode_row
+
+log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and line."""
+# 1: (epoch, step_in_epoch); 2: samples consumed (position), data identity, global batch, counters
+STATE_VERSION = 2
 
 
 class StepBatches(Protocol):
@@ -48,63 +54,134 @@ class StepBatches(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL file of objects; a bad line is an error naming file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
+def pad_token_id(tokenizer: Any) -> int:
+    """The id padding uses: the pad token, else EOS (many causal LM tokenizers have no pad)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def jsonl_records(path: str, key: str) -> Iterator[tuple[str, bytes]]:
+    """("path:line", raw bytes) of every non-blank line of a JSONL file. A file that cannot be
+    opened is a DataError naming the config `key` it came from."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below; opening is what may fail
+    except FileNotFoundError:
+        raise DataError(f"{key}: {path}: no such file") from None
+    except OSError as e:
+        raise DataError(f"{key}: {path}: cannot open ({e.strerror or type(e).__name__})") from None
+    with f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
-                )
-            rows.append(row)
-    return rows
+            if line.strip():  # blank lines separate nothing and are not rows
+                yield f"{path}:{lineno}", line.rstrip(b"\n")
 
 
-def tokenize_row(row: dict[str, Any], tokenizer: Any, cfg: DataConfig) -> TokenizedSample:
-    """Render one row in `cfg.format`; raise RowError (a ValueError) for an unusable row."""
-    return encode_row(row, tokenizer, cfg)
+class Slot(NamedTuple):
+    """One row of an InstructionDataset: its sample, or the kind it was skipped as."""
+
+    index: int
+    sample: TokenizedSample | None
+    skipped: str  # the skip kind when sample is None
+    truncated: bool
 
 
 class InstructionDataset(Dataset):
-    """A JSONL file of instruction rows, tokenized once up front (small data; see data.streaming
-    for data larger than memory)."""
+    """A JSONL file's rows (or raw rows given as `records`), validated and tokenized up front:
+    small data (data.streaming is for data larger than memory).
+
+    Every non-blank line is a row and keeps its slot (its index, the `sample_index`) whether or
+    not it can be used, so an epoch's order does not depend on which rows are bad. Unusable rows
+    follow `data.bad_rows` (see data.rows), overlong ones `data.overlong`. No row at all, no
+    usable row, too many bad rows, or no target token left after truncation is a DataError
+    naming `key`. `samples` holds the usable samples in file order (what evaluation uses);
+    `counts` what reading the whole file found.
+    """
 
     def __init__(
         self,
         path: str | Path,
         tokenizer: Any,
         cfg: DataConfig,
-        rows: list[dict[str, Any]] | None = None,
+        records: Iterable[tuple[str, bytes]] | None = None,
+        *,
+        key: str = "data.train_path",
+        log_skips: bool = True,
     ):
-        # `rows` given: already read elsewhere (e.g. from shards); `path` only names them.
-        self.path = str(path)
-        self.rows = read_jsonl(path) if rows is None else rows
+        self.path, self.key = str(path), key
         self.samples: list[TokenizedSample] = []
-        self.num_truncated = 0
-        for lineno, row in enumerate(self.rows, 1):
+        self._sample_of: list[int] = []  # slot -> index in samples, -1 where skipped
+        self._skipped: dict[int, str] = {}  # slot -> kind
+        self._truncated: set[int] = set()
+        self.counts: Counter = Counter()
+        bad = BadRows(cfg, log, f"rows of {self.path}", log_skips=log_skips)
+        for where, data in jsonl_records(self.path, key) if records is None else records:
+            slot = len(self._sample_of)
+            self.counts["rows_read"] += 1
+            bad.num_read += 1
             try:
-                sample = tokenize_row(row, tokenizer, cfg)
+                sample = encode_row(decode_row(data), tokenizer, cfg)
             except RowError as e:
-                raise DataError(f"{path}: row {lineno}: {e}") from None
+                bad.skip(self.counts, e.kind, where, str(e), e.hint)
+                self._skip(slot, e.kind)
+                continue
             if len(sample) > cfg.seq_len:
-                self.num_truncated += 1
+                if cfg.overlong == "drop":
+                    bad.skip(
+                        self.counts,
+                        "too_long",
+                        where,
+                        f"{len(sample)} tokens > data.seq_len",
+                        f"rows are longer than data.seq_len={cfg.seq_len} (data.overlong=drop)",
+                    )
+                    self._skip(slot, "too_long")
+                    continue
+                self.counts["truncated"] += 1
+                self._truncated.add(slot)
                 sample = TokenizedSample(
                     sample.input_ids[: cfg.seq_len], sample.labels[: cfg.seq_len]
                 )
+            self.counts["rows_kept"] += 1
+            self._sample_of.append(len(self.samples))
             self.samples.append(sample)
+        self._judge(bad, cfg, log_skips)
+
+    def _skip(self, slot: int, kind: str) -> None:
+        self._sample_of.append(-1)
+        self._skipped[slot] = kind
+
+    def _judge(self, bad: BadRows, cfg: DataConfig, log_skips: bool) -> None:
+        # The whole file is known here: a data set that cannot train (or evaluate) anything stops
+        # before any process group starts, with its cause, instead of "finishing" on nothing.
+        num_rows = len(self._sample_of)
+        if num_rows == 0:
+            raise DataError(f"{self.key}: {self.path} has no rows")
+        if not self.samples:
+            raise DataError(
+                f"{self.key}: none of the {num_rows} rows of {self.path} can be used: "
+                f"{bad.summary()}"
+            )
+        bad.check(last=True)
+        if self.counts["truncated"] and not any(s.num_target_tokens for s in self.samples):
+            raise DataError(
+                f"{self.key}: no sample of {self.path} keeps a token with loss after truncation "
+                f"to data.seq_len={cfg.seq_len}; raise data.seq_len"
+            )
+        if log_skips and self.counts["rows_skipped"]:
+            log.warning(
+                "%s: skipped %d of %d rows (%s)",
+                self.path,
+                self.counts["rows_skipped"],
+                num_rows,
+                bad.summary(),
+            )
 
     def __len__(self) -> int:
-        return len(self.samples)
+        """Rows (slots), usable or not."""
+        return len(self._sample_of)
 
-    def __getitem__(self, index: int) -> tuple[int, TokenizedSample]:
-        return index, self.samples[index]
+    def __getitem__(self, slot: int) -> Slot:
+        i = self._sample_of[slot]
+        if i < 0:
+            return Slot(slot, None, self._skipped[slot], False)
+        return Slot(slot, self.samples[i], "", slot in self._truncated)
 
 
 def collate_right_pad(items: list[tuple[int, TokenizedSample]], pad_id: int) -> Batch:
@@ -128,40 +205,49 @@ def collate_right_pad(items: list[tuple[int, TokenizedSample]], pad_id: int) -> 
 
 
 class _Collate:
-    # A class, not a lambda, so DataLoader workers can pickle it.
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    """Slots -> a micro-batch plus the counters of what it consumed (under `_stats`, which the
+    main process pops). A class, not a lambda, so DataLoader workers can pickle it."""
 
-    def __call__(self, items: list[tuple[int, TokenizedSample]]) -> Batch:
-        return collate_right_pad(items, self.pad_id)
+    def __init__(self, seq_len: int, pad_id: int, packing: bool):
+        self.seq_len, self.pad_id, self.packing = seq_len, pad_id, packing
 
-
-class _ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler that can start part-way into an epoch (for exact resume)."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.start = 0
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.start :])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
+    def __call__(self, slots: list[Slot]) -> dict[str, Any]:
+        stats: Counter = Counter()
+        items = []
+        for slot in slots:
+            stats["rows_read"] += 1
+            if slot.sample is None:
+                stats["rows_skipped"] += 1
+                stats[f"skipped_{slot.skipped}"] += 1
+                continue
+            stats["rows_kept"] += 1
+            if slot.truncated:
+                stats["truncated"] += 1
+            items.append((slot.index, slot.sample))
+        batch, counts = collate(items, self.seq_len, self.pad_id, packing=self.packing)
+        stats.update(counts)
+        return {**batch, "_stats": dict(stats)}
 
 
 class MapStyleStepBatches:
-    """`StepBatches` over a map-style dataset with `DistributedSampler` and `set_epoch`.
+    """`StepBatches` over an InstructionDataset.
 
-    Each epoch yields `steps_per_epoch = len(dataset) // global_batch` steps on every rank; the
-    remainder of an epoch (fewer samples than a global batch) is not used, so every rank runs the
-    same number of steps. Position = (epoch, steps done in the epoch).
+    Order: epoch e's global order is the permutation `torch.randperm(num_rows)` seeded with
+    seed + e (the one DistributedSampler draws), the same for every world size; steps and ranks
+    take contiguous positions of it as data.plan describes. An epoch runs
+    floor(rows left / global batch) full steps on every rank; the rest of it is not used. A row
+    that cannot be used keeps its slot and is skipped, so a micro-batch may be short (or one
+    loss-free pad row).
+
+    State: epoch and `position` (samples of the epoch's order consumed), with the dataset size,
+    seed and global batch it was saved with, and this rank's counters. A run continues at
+    `position` with any world size or global batch, neither repeating nor skipping a sample.
     """
 
     def __init__(
         self,
         dataset: InstructionDataset,
+        cfg: DataConfig,
         *,
         rank: int,
         world_size: int,
@@ -169,69 +255,132 @@ class MapStyleStepBatches:
         grad_accum_steps: int,
         seed: int,
         pad_id: int,
-        num_workers: int = 0,
     ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.dataset = dataset
-        self.num_samples = len(dataset)
-        self.micro_batch_size = micro_batch_size
-        self.grad_accum_steps = grad_accum_steps
-        global_batch = micro_batch_size * grad_accum_steps * world_size
-        self.steps_per_epoch = len(dataset) // global_batch
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
+        self.num_rows = self.num_samples = len(dataset)
+        self.global_batch = micro_batch_size * grad_accum_steps * world_size
+        self.steps_per_epoch = self.num_rows // self.global_batch
         if self.steps_per_epoch == 0:
             raise DataError(
-                f"{dataset.path}: {len(dataset)} samples are fewer than one global batch ({global_batch})"
+                f"{dataset.key}: {dataset.path}: {self.num_rows} rows are fewer than one global "
+                f"batch ({self.global_batch})"
             )
-        # drop_last so no rank gets padded duplicates; the loop-level cut above evens out steps.
-        self.sampler = _ResumableDistributedSampler(
-            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
-        )
-        self.num_workers = num_workers
-        self.collate = _Collate(pad_id)
+        self.num_workers = cfg.num_workers
+        self.collate = _Collate(cfg.seq_len, pad_id, cfg.packing)
         self.epoch = 0
-        self.step_in_epoch = 0
+        self.position = 0
+        self._counters: Counter = Counter()
+
+    def plan(self) -> Plan:
+        return Plan(
+            epoch=self.epoch,
+            start=self.position,
+            num_rows=self.num_rows,
+            rank=self.rank,
+            world_size=self.world_size,
+            micro_batch_size=self.micro_batch_size,
+            grad_accum_steps=self.grad_accum_steps,
+            drop_tail=True,
+        )
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """Epoch `epoch`'s global order of row indices (any rank, any world size)."""
+        g = torch.Generator()
+        g.manual_seed(self.seed + epoch)
+        return torch.randperm(self.num_rows, generator=g).tolist()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "map", "epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
-
-    def metrics(self) -> dict[str, float]:
-        """Counters for the loop to log (summed over ranks they are dataset-wide)."""
-        # The dataset is tokenized once; rank 0 reports it so a sum over ranks counts it once.
-        if self.sampler.rank != 0:
-            return {}
-        return {"truncated": self.dataset.num_truncated, "rows_kept": len(self.dataset)}
+        """Where the next step starts (the same on every rank), and this rank's counters."""
+        return {
+            "kind": "map",
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "position": self.position,
+            "num_rows": self.num_rows,
+            "seed": self.seed,
+            "global_batch": self.global_batch,
+            "counters": dict(self._counters),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind", "map") != "map":
             raise DataError(
                 "resume: the saved data state is from a shard stream (data.source changed?)"
             )
+        if "position" in state:
+            for key, mine, cause in (
+                ("num_rows", self.num_rows, "data.train_path"),
+                ("seed", self.seed, "seed"),
+            ):
+                if state[key] != mine:
+                    raise DataError(
+                        f"resume: saved data state has {key}={state[key]}, this run has {mine}; "
+                        f"the sample order would differ ({cause} changed?)"
+                    )
+            position = int(state["position"])
+            if not 0 <= position <= self.num_rows:
+                raise DataError(
+                    f"resume: saved data position {position} is outside [0, {self.num_rows}]"
+                )
+            if state.get("global_batch") != self.global_batch and self.rank == 0:
+                log.info(
+                    "resume: data saved with global batch %s continues with %d at sample %d of "
+                    "epoch %d",
+                    state.get("global_batch"),
+                    self.global_batch,
+                    position,
+                    state["epoch"],
+                )
+        else:
+            # Version 1 saved (epoch, step_in_epoch) and no global batch: it was this run's unless
+            # changed. Its first k steps took the first k * global batch entries of the same
+            # epoch permutation (rank-interleaved), so the position carries over exactly.
+            position = int(state["step_in_epoch"]) * self.global_batch
         self.epoch = int(state["epoch"])
-        self.step_in_epoch = int(state["step_in_epoch"])
+        self.position = position
+        if "counters" in state:
+            self._counters = Counter(state["counters"])
+
+    def metrics(self) -> dict[str, float]:
+        """This rank's counters since the run started (restored on resume); see module doc."""
+        m: dict[str, float] = dict(self._counters)
+        if m.get("tokens_total"):
+            m["packing_efficiency"] = m.get("tokens_real", 0) / m["tokens_total"]
+        return m
 
     def __iter__(self) -> Iterator[list[Batch]]:
-        per_step = self.micro_batch_size * self.grad_accum_steps
         while True:
-            self.sampler.set_epoch(self.epoch)
-            self.sampler.start = self.step_in_epoch * per_step
+            plan = self.plan()
+            if plan.num_steps == 0:  # resumed with a larger global batch near the epoch's end
+                self.epoch, self.position = self.epoch + 1, 0
+                continue
+            order = self.epoch_order(plan.epoch)
             loader = DataLoader(
                 self.dataset,
-                batch_size=self.micro_batch_size,
-                sampler=self.sampler,
+                batch_sampler=[
+                    [order[p] for p in plan.positions(m)] for m in range(plan.num_micro)
+                ],
                 collate_fn=self.collate,
                 num_workers=self.num_workers,
-                drop_last=True,
             )
             micro: list[Batch] = []
+            steps = 0
             for batch in loader:
+                self._counters.update(batch.pop("_stats"))
                 micro.append(batch)
                 if len(micro) == self.grad_accum_steps:
-                    self.step_in_epoch += 1
+                    steps += 1
+                    # Advance before yielding: state_dict() right after a step must describe the
+                    # position after it.
+                    self.position += self.global_batch
+                    if steps == plan.num_steps:
+                        self.epoch, self.position = self.epoch + 1, 0
                     yield micro
                     micro = []
-                    if self.step_in_epoch >= self.steps_per_epoch:
-                        break
-            self.epoch += 1
-            self.step_in_epoch = 0
 
 
 def build_map_style(
@@ -245,14 +394,16 @@ def build_map_style(
     grad_accum_steps: int,
     seed: int,
 ) -> MapStyleStepBatches:
-    dataset = InstructionDataset(path, tokenizer, cfg)
+    """Read and tokenize the JSONL file at `path` (data.train_path) and return this rank's
+    batches. Every rank reads the whole file; rank 0 logs what it skips."""
+    dataset = InstructionDataset(path, tokenizer, cfg, key="data.train_path", log_skips=rank == 0)
     return MapStyleStepBatches(
         dataset,
+        cfg,
         rank=rank,
         world_size=world_size,
         micro_batch_size=micro_batch_size,
         grad_accum_steps=grad_accum_steps,
         seed=seed,
-        pad_id=tokenizer.pad_token_id,
-        num_workers=cfg.num_workers,
+        pad_id=pad_token_id(tokenizer),
     )

@@ -93,6 +93,25 @@ def pad_right(items: list[Item], pad_id: int) -> Batch:
     }
 
 
+def collate(
+    items: list[Item], seq_len: int, pad_id: int, *, packing: bool
+) -> tuple[Batch, dict[str, int]]:
+    """A micro-batch of `items` (packed or padded) and its counters, as both readers report them:
+    micro_batches, empty_micro_batches, samples, rows (tensor rows), tokens_real (sample tokens),
+    tokens_total (tensor elements), target_tokens."""
+    batch = pack(items, seq_len, pad_id) if packing else pad_right(items, pad_id)
+    stats = {
+        "micro_batches": 1,
+        "empty_micro_batches": int(not items),
+        "samples": len(items),
+        "rows": batch["input_ids"].shape[0],
+        "tokens_real": sum(len(s) for _, s in items),
+        "tokens_total": batch["input_ids"].numel(),
+        "target_tokens": int((batch["labels"] != IGNORE_INDEX).sum()),
+    }
+    return batch, stats
+
+
 def empty_batch(pad_id: int, *, packed: bool, width: int = 2) -> Batch:
     """A micro-batch with no sample (all of its slots were past the epoch's end or bad rows):
     one pad row with no loss, so every rank still runs its forward/backward (collectives stay in

@@ -30,7 +30,9 @@ import fsspec
 import numpy as np
 from tqdm import tqdm
 
+from data.rows import decode_row, unencodable
 from data.shards import INDEX_SUFFIX, MANIFEST_NAME, ShardInfo, index_shards, write_manifest
+from data.templates import RowError
 
 log = logging.getLogger("data.prepare")
 
@@ -88,9 +90,26 @@ def parse_shard_size(text: str) -> ShardSize:
 @dataclass
 class InputRow:
     source: str
-    line: int  # 1-based row/line number in its source
+    line: int  # 1-based line (jsonl, csv: where the record starts) or element number (json)
     row: Any  # a dict when valid
     error: str | None = None
+    kind: str = ""  # with error: invalid_utf8, invalid_json, invalid_unicode, not_object
+
+
+# How an undecodable row's kind reads in messages.
+_KIND_TEXT = {
+    "invalid_utf8": "invalid UTF-8",
+    "invalid_json": "invalid JSON",
+    "invalid_unicode": "invalid Unicode",
+    "not_object": "not a JSON object",
+}
+
+
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _bad(source: str, line: int, kind: str, message: str) -> InputRow:
+    return InputRow(source, line, None, f"{_KIND_TEXT[kind]} ({message})", kind)
 
 
 def resolve_inputs(pattern: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
@@ -119,20 +138,24 @@ def read_rows(fs: fsspec.AbstractFileSystem, path: str, fmt: str) -> Iterator[In
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line.decode("utf-8"))
-                except UnicodeDecodeError:
-                    yield InputRow(path, line_no, None, "invalid UTF-8")
-                    continue
-                except json.JSONDecodeError as e:
-                    yield InputRow(path, line_no, None, f"invalid JSON ({e.msg})")
+                    row = decode_row(line.rstrip(b"\n"))
+                except RowError as e:
+                    yield _bad(path, line_no, e.kind, str(e))
                     continue
                 yield InputRow(path, line_no, row)
     elif fmt == "json":
         with fs.open(path, "rb") as f:
-            try:
-                data = json.loads(f.read().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise PrepareError(f"{path}: not a JSON document ({e})") from None
+            raw = f.read()
+        # Invalid bytes spoil the rows that hold them, not the document: decoded as surrogate
+        # escapes, they are found per row below. A BOM is not part of the text (utf-8-sig).
+        try:
+            text, bad_bytes = raw.decode("utf-8-sig"), False
+        except UnicodeDecodeError:
+            text, bad_bytes = raw.decode("utf-8-sig", errors="surrogateescape"), True
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PrepareError(f"{path}: not a JSON document ({e})") from None
         if (
             isinstance(data, dict)
             and len(data) == 1
@@ -142,7 +165,12 @@ def read_rows(fs: fsspec.AbstractFileSystem, path: str, fmt: str) -> Iterator[In
         if not isinstance(data, list):
             raise PrepareError(f"{path}: expected a JSON array of objects")
         for i, row in enumerate(data, 1):
-            yield InputRow(path, i, row)
+            # U+DC80..U+DCFF are what surrogateescape makes of invalid bytes (other lone
+            # surrogates are escapes in the JSON text: invalid_unicode, found in prepare()).
+            if bad_bytes and _ESCAPED_BYTE.search(json.dumps(row, ensure_ascii=False)):
+                yield _bad(path, i, "invalid_utf8", "holds bytes that are not UTF-8")
+            else:
+                yield InputRow(path, i, row)
     elif fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -154,10 +182,22 @@ def read_rows(fs: fsspec.AbstractFileSystem, path: str, fmt: str) -> Iterator[In
                     yield InputRow(path, line_no, row)
     elif fmt == "csv":
         with fs.open(path, "rb") as f:
-            text = io.TextIOWrapper(f, encoding="utf-8", newline="")
-            # line 1 is the header
-            for i, row in enumerate(csv.DictReader(text), 2):
-                yield InputRow(path, i, dict(row))
+            # utf-8-sig: a BOM would otherwise become part of the first column's name. Invalid
+            # bytes become surrogate escapes, so only the rows holding them are lost.
+            text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
+            reader = csv.DictReader(text)
+            if unencodable(list(reader.fieldnames or [])) is not None:
+                raise PrepareError(f"{path}:1: the header is not UTF-8")
+            start = reader.line_num + 1  # records may span lines; report where one starts
+            for row in reader:
+                where = unencodable(row)
+                if where is not None:
+                    yield _bad(
+                        path, start, "invalid_utf8", f"{where} holds bytes that are not UTF-8"
+                    )
+                else:
+                    yield InputRow(path, start, dict(row))
+                start = reader.line_num + 1
     elif fmt == "arrow":
         import datasets
 
@@ -288,16 +328,26 @@ def prepare(
                     counts["input_rows"],
                     len(writer.shards),
                 )
-            error = item.error
-            if error is None and not isinstance(item.row, dict):
-                error = f"expected an object, got {type(item.row).__name__}"
-            if error is not None:
-                if strict:
-                    raise PrepareError(f"{item.source}:{item.line}: {error}")
-                counts["invalid_input_rows"] += 1
-                log.warning("%s:%d: skipped: %s", item.source, item.line, error)
-                continue
+            if item.error is None and not isinstance(item.row, dict):
+                item = _bad(item.source, item.line, "not_object", f"got {type(item.row).__name__}")
             row = item.row
+            if item.error is None:
+                # Serialized before the filters so that a row that cannot be written never
+                # enters the de-dup set.
+                line = json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=str)
+                try:
+                    encoded = (line + "\n").encode("utf-8")
+                except UnicodeEncodeError:
+                    where = unencodable(row) or "a value"
+                    message = f"{where} is a lone surrogate, which UTF-8 cannot encode"
+                    item = _bad(item.source, item.line, "invalid_unicode", message)
+            if item.error is not None:
+                if strict:
+                    raise PrepareError(f"{item.source}:{item.line}: {item.error}")
+                counts["invalid_input_rows"] += 1
+                counts[f"skipped_{item.kind}"] += 1
+                log.warning("%s:%d: skipped: %s", item.source, item.line, item.error)
+                continue
             if min_chars is not None or max_chars is not None or dedup:
                 text = row_text(row, text_fields)
                 if min_chars is not None and len(text) < min_chars:
@@ -314,8 +364,7 @@ def prepare(
                     seen.add(digest)
             for k, v in row.items():
                 schema.setdefault(k, set()).add(_json_type(v))
-            line = json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=str) + "\n"
-            writer.add(line.encode("utf-8"))
+            writer.add(encoded)
             counts["written_rows"] += 1
     writer.flush()
     bar.close()
@@ -349,7 +398,9 @@ def prepare(
         len(writer.shards),
         output,
         ", ".join(
-            f"{k}={counts[k]}" for k in sorted(counts) if k.startswith(("removed", "invalid"))
+            f"{k}={counts[k]}"
+            for k in sorted(counts)
+            if k.startswith(("removed", "invalid", "skipped"))
         ),
     )
     return manifest

@@ -26,6 +26,9 @@ from typing import Any
 import fsspec
 import numpy as np
 
+from data.rows import decode_row
+from data.templates import RowError
+
 MANIFEST_NAME = "manifest.json"
 INDEX_SUFFIX = ".idx"
 MANIFEST_VERSION = 1
@@ -57,9 +60,10 @@ def line_offsets(data: bytes) -> np.ndarray:
 
 def _is_json_object(line: bytes) -> bool:
     try:
-        return isinstance(json.loads(line.decode("utf-8")), dict)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        decode_row(line)
+    except RowError:
         return False
+    return True
 
 
 def index_shard(fs: fsspec.AbstractFileSystem, path: str) -> tuple[ShardInfo, bytes]:
@@ -163,6 +167,49 @@ class ShardSet:
         self.num_rows = int(self.first_row[-1])
         self._files: OrderedDict[int, Any] = OrderedDict()
         self._indexes: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._check_files()
+
+    def _check_files(self) -> None:
+        """Every shard and index the manifest lists must exist with the size it implies.
+
+        A missing shard would otherwise show only when (and if) its rows come up, as skipped
+        rows, and a run could quietly train on part of its data. One listing of the directory
+        gives every size; a file it does not show (a listing some filesystems cannot give, a
+        shard in a subdirectory) costs one `info` call. Sizes only: hashing is data.prepare's.
+        """
+        try:
+            listing = {
+                str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: e.get("size")
+                for e in self.fs.ls(self.root, detail=True)
+            }
+        except (OSError, ValueError, NotImplementedError):
+            listing = {}
+        for shard, info in enumerate(self.shards):
+            for path, expected in (
+                (self.path(shard), info.bytes),
+                (self.path(shard) + INDEX_SUFFIX, 8 * (info.rows + 1)),
+            ):
+                name = info.file + path[len(self.path(shard)) :]
+                size = listing.get(name) if "/" not in name else None
+                if size is None:
+                    size = self._size(path)
+                if size is not None and size != expected:
+                    raise ShardUnreadable(
+                        f"{self._display(path)}: {size} bytes, {MANIFEST_NAME} says {expected} "
+                        "(changed after it was written? re-run data.prepare)"
+                    )
+
+    def _size(self, path: str) -> int | None:
+        try:
+            return self.fs.info(path).get("size")
+        except FileNotFoundError:
+            raise ShardUnreadable(
+                f"{self._display(path)}: listed in {MANIFEST_NAME} but missing"
+            ) from None
+        except OSError as e:
+            raise ShardUnreadable(
+                f"{self._display(path)}: unreadable ({type(e).__name__}: {e})"
+            ) from None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -175,8 +222,10 @@ class ShardSet:
         return f"{self.root}/{self.shards[shard].file}"
 
     def display_path(self, shard: int) -> str:
+        return self._display(self.path(shard))
+
+    def _display(self, path: str) -> str:
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        path = self.path(shard)
         return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
     def _index(self, shard: int) -> np.ndarray:

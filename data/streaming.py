@@ -5,35 +5,34 @@ world size: shards in a permutation seeded by (seed, e), and within consecutive 
 `data.shuffle_window` rows of that sequence, a permutation seeded by (seed, e, window). Row p of
 the order is found in O(1) (one window permutation, cached), so nothing is read to skip ahead.
 
-Steps. The trainer's global batch G is counted in samples (rows): step k of an epoch takes the
-order's positions [start + k*G, start + (k+1)*G). Rank r takes the r-th contiguous 1/world_size of
-them, split into `grad_accum_steps` micro-batches of `micro_batch_size` positions; micro-batch m of
-the rank goes to DataLoader worker m % num_workers. So every sample of an epoch goes to exactly
-one (rank, worker), and the main process, which receives micro-batches in m order from the
-workers' round robin, knows the exact position after every step.
+Steps (data.plan). The trainer's global batch G is counted in samples (rows): step k of an epoch
+takes the order's positions [start + k*G, start + (k+1)*G). Rank r takes the r-th contiguous
+1/world_size of them, split into `grad_accum_steps` micro-batches of `micro_batch_size` positions;
+micro-batch m of the rank goes to DataLoader worker m % num_workers. So every sample of an epoch
+goes to exactly one (rank, worker), and the main process, which receives micro-batches in m order
+from the workers' round robin, knows the exact position after every step.
 
 Epoch end (`data.epoch_tail`). Every rank runs ceil(rows_left / G) steps (`pad`): positions past
 the end are empty slots, so the last step's micro-batches are short (or one empty, loss-free row),
 counted as `tail_empty_slots`; no sample is dropped or repeated. With `drop`, floor(rows_left / G)
 steps run and the rest of the epoch is counted as `tail_dropped_rows` (on rank 0).
 
-Bad rows occupy their slot and are skipped, so they never shift the order; a micro-batch then has
-fewer samples. With packing, a micro-batch's samples are packed into as few `seq_len` rows as fit.
+Bad rows occupy their slot and are skipped (data.rows: counted, or an error under
+`data.bad_rows=strict`), so they never shift the order; a micro-batch then has fewer samples.
+With packing, a micro-batch's samples are packed into as few `seq_len` rows as fit.
 
-State = (epoch, position in the epoch's global order). It does not mention rank, world size or
-workers, so a run can continue with another world size (same or different global batch): the next
-step starts at `position`, nothing before it is repeated, nothing after it skipped.
+State = (epoch, position in the epoch's global order), plus this rank's counters. The position does
+not depend on rank, world size or workers, so a run can continue with another world size (same or
+different global batch): the next step starts at `position`, nothing before it is repeated,
+nothing after it skipped.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,18 +40,16 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.config import DataConfig
-from data.loader import DataError
-from data.packing import Batch, Item, pack, pad_right
+from data.loader import DataError, pad_token_id
+from data.packing import Batch, Item, collate
+from data.plan import Plan
+from data.rows import BadRows, decode_row
 from data.shards import ShardSet, ShardUnreadable
-from data.templates import IGNORE_INDEX, RowError, TokenizedSample, encode_row
+from data.templates import RowError, TokenizedSample, encode_row
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-# A worker checks `max_bad_fraction` once it has read this many rows (and at its last batch), so
-# one bad row among the first few does not stop a run.
-BAD_FRACTION_MIN_ROWS = 100
-MAX_LOGGED_BAD_ROWS = 20
 
 
 def _seed_words(*values: int) -> list[int]:
@@ -90,43 +87,6 @@ class EpochOrder:
         return int(self.first_row[shard]) + q - int(self.cum[k])
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What one rank reads from (epoch, start) to the end of the epoch."""
-
-    epoch: int
-    start: int
-    num_rows: int
-    rank: int
-    world_size: int
-    micro_batch_size: int
-    grad_accum_steps: int
-    drop_tail: bool
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro_batch_size * self.grad_accum_steps * self.world_size
-
-    @property
-    def num_steps(self) -> int:
-        left = max(self.num_rows - self.start, 0)
-        return left // self.global_batch if self.drop_tail else math.ceil(left / self.global_batch)
-
-    @property
-    def num_micro(self) -> int:
-        return self.num_steps * self.grad_accum_steps
-
-    def positions(self, m: int) -> range:
-        """Order positions of this rank's micro-batch m (clipped at the epoch's end)."""
-        k, a = divmod(m, self.grad_accum_steps)
-        lo = (
-            self.start
-            + k * self.global_batch
-            + (self.rank * self.grad_accum_steps + a) * self.micro_batch_size
-        )
-        return range(min(lo, self.num_rows), min(lo + self.micro_batch_size, self.num_rows))
-
-
 class MicroBatches(IterableDataset):
     """This rank's micro-batches of one plan; in a DataLoader worker, only that worker's share."""
 
@@ -147,27 +107,14 @@ class MicroBatches(IterableDataset):
         for m in mine:
             try:
                 items, stats = reader.read([order.row_id(p) for p in self.plan.positions(m)])
-                reader.check_bad_fraction(last=m == mine[-1])
+                reader.bad.check(last=m == mine[-1])
             except DataError as e:
                 # Sent as data, not raised: the main process raises it with a one-line message
                 # instead of DataLoader's wrapped worker traceback.
                 yield {"_error": str(e), "_micro": m}
                 return
-            batch = (
-                pack(items, self.cfg.seq_len, self.pad_id)
-                if self.cfg.packing
-                else pad_right(items, self.pad_id)
-            )
-            real = sum(len(s) for _, s in items)
-            stats.update(
-                micro_batches=1,
-                empty_micro_batches=int(not items),
-                tokens_real=real,
-                tokens_total=batch["input_ids"].numel(),
-                target_tokens=int((batch["labels"] != IGNORE_INDEX).sum()),
-                samples=len(items),
-                rows=batch["input_ids"].shape[0],
-            )
+            batch, counts = collate(items, self.cfg.seq_len, self.pad_id, packing=self.cfg.packing)
+            stats.update(counts)
             yield {**batch, "_stats": dict(stats), "_micro": m}
 
 
@@ -176,26 +123,14 @@ class _RowReader:
 
     def __init__(self, shards: ShardSet, tokenizer: Any, cfg: DataConfig):
         self.shards, self.tokenizer, self.cfg = shards, tokenizer, cfg
-        self.read_total = 0
-        self.bad_total = 0
-        self.logged = 0
-        self.last_bad = ""
+        self.bad = BadRows(cfg, log, "rows read by a data worker")
         self.unreadable: dict[int, str] = {}
 
-    def _skip(self, stats: Counter, kind: str, shard: int, row: int, message: str) -> None:
+    def _skip(
+        self, stats: Counter, kind: str, shard: int, row: int, message: str, hint: str = ""
+    ) -> None:
         where = f"{self.shards.display_path(shard)}:{row + 1}"
-        if self.cfg.bad_rows == "strict" and kind != "too_long":
-            raise DataError(f"{where}: {kind}: {message} (data.bad_rows=strict)")
-        stats["rows_skipped"] += 1
-        stats[f"skipped_{kind}"] += 1
-        if kind != "too_long":
-            self.bad_total += 1
-            self.last_bad = f"{where}: {kind}: {message}"
-        if self.logged < MAX_LOGGED_BAD_ROWS:
-            self.logged += 1
-            log.warning("skipped %s: %s: %s", where, kind, message)
-            if self.logged == MAX_LOGGED_BAD_ROWS:
-                log.warning("further skipped rows in this worker are counted, not logged")
+        self.bad.skip(stats, kind, where, message, hint)
 
     def read(self, row_ids: list[int]) -> tuple[list[Item], Counter]:
         stats: Counter = Counter()
@@ -216,55 +151,29 @@ class _RowReader:
         for i, row_id in enumerate(row_ids):
             shard, row = located[i]
             stats["rows_read"] += 1
-            self.read_total += 1
-            if raw[i] is None:
+            self.bad.num_read += 1
+            data = raw[i]
+            if data is None:
                 self._skip(stats, "unreadable_file", shard, row, self.unreadable[shard])
                 continue
-            sample = self._decode(stats, raw[i], shard, row)
-            if sample is None:
+            try:
+                sample = encode_row(decode_row(data), self.tokenizer, self.cfg)
+            except RowError as e:
+                self._skip(stats, e.kind, shard, row, str(e), e.hint)
                 continue
-            if len(sample) > self.cfg.seq_len:
+            n = self.cfg.seq_len
+            if len(sample) > n:
                 if self.cfg.overlong == "drop":
+                    hint = f"rows are longer than data.seq_len={n} (data.overlong=drop)"
                     self._skip(
-                        stats, "too_long", shard, row, f"{len(sample)} tokens > data.seq_len"
+                        stats, "too_long", shard, row, f"{len(sample)} tokens > data.seq_len", hint
                     )
                     continue
                 stats["truncated"] += 1
-                n = self.cfg.seq_len
                 sample = TokenizedSample(sample.input_ids[:n], sample.labels[:n])
             stats["rows_kept"] += 1
             items.append((row_id, sample))
         return items, stats
-
-    def _decode(self, stats: Counter, data: bytes, shard: int, row: int) -> TokenizedSample | None:
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            self._skip(stats, "invalid_utf8", shard, row, f"byte {e.start} is not UTF-8")
-            return None
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            self._skip(stats, "invalid_json", shard, row, e.msg)
-            return None
-        try:
-            return encode_row(obj, self.tokenizer, self.cfg)
-        except RowError as e:
-            self._skip(stats, e.kind, shard, row, str(e))
-            return None
-
-    def check_bad_fraction(self, last: bool) -> None:
-        if self.cfg.bad_rows == "strict" or not self.read_total:
-            return
-        if self.read_total < BAD_FRACTION_MIN_ROWS and not last:
-            return
-        fraction = self.bad_total / self.read_total
-        if fraction > self.cfg.max_bad_fraction:
-            raise DataError(
-                f"{self.bad_total} of {self.read_total} rows read by a data worker were bad "
-                f"({fraction:.1%} > data.max_bad_fraction={self.cfg.max_bad_fraction}); "
-                f"last: {self.last_bad}"
-            )
 
 
 def _worker_init(_: int) -> None:
@@ -301,11 +210,7 @@ class StreamingStepBatches:
         self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
         self.global_batch = micro_batch_size * grad_accum_steps * world_size
         self.num_rows = shards.num_rows
-        self.pad_id = (
-            tokenizer.pad_token_id
-            if tokenizer.pad_token_id is not None
-            else (tokenizer.eos_token_id)
-        )
+        self.pad_id = pad_token_id(tokenizer)
         if self.num_rows == 0:
             raise DataError(f"{shards.url}: the manifest lists no rows")
         if cfg.epoch_tail == "drop" and self.num_rows < self.global_batch:
@@ -357,7 +262,8 @@ class StreamingStepBatches:
         ).num_steps
 
     def state_dict(self) -> dict[str, Any]:
-        """The same on every rank: where the next step starts in the global order."""
+        """Where the next step starts in the global order (the same on every rank), and this
+        rank's counters."""
         return {
             "kind": "shards",
             "version": STATE_VERSION,
@@ -366,6 +272,7 @@ class StreamingStepBatches:
             "num_rows": self.num_rows,
             "seed": self.seed,
             "shuffle_window": self.cfg.shuffle_window,
+            "counters": dict(self._counters),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -385,6 +292,8 @@ class StreamingStepBatches:
                 )
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
+        if "counters" in state:  # given as saved (or summed, or {} when the world size changed)
+            self._counters = Counter(state["counters"])
 
     def metrics(self) -> dict[str, float]:
         m: dict[str, float] = dict(self._counters)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2 import TemplateError
+
 IGNORE_INDEX = -100
 
 # The Alpaca prompt, as the Dolly fine-tuning recipes use it: one variant with an input/context
@@ -115,11 +117,14 @@ FALLBACK_CHAT_TEMPLATE = (
 
 class RowError(ValueError):
     """A data row that cannot become a sample. `kind` is the counter it is counted under
-    (missing_field, wrong_type, empty_text, bad_chat)."""
+    (missing_field, wrong_type, empty_text, bad_chat; data.rows adds the decoding kinds).
+    `hint` names the likely cause in config terms when the row suggests one (field names that
+    do not match `data.*_field`, rows of another format)."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, hint: str = ""):
         super().__init__(message)
         self.kind = kind
+        self.hint = hint
 
 
 def encode_text(tokenizer: Any, text: str) -> TokenizedSample:
@@ -146,9 +151,15 @@ def encode_chat(
     template = getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
 
     def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(
-            msgs, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
-        )
+        try:
+            return tokenizer.apply_chat_template(
+                msgs,
+                chat_template=template,
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+            )
+        except TemplateError as e:  # templates reject rows themselves (roles must alternate...)
+            raise RowError("bad_chat", f"chat template: {e}") from None
 
     pieces: list[tuple[str, bool]] = []  # (text, carries loss)
     done = ""
@@ -219,10 +230,70 @@ def _messages(row: dict[str, Any], cfg: Any) -> list[dict[str, str]]:
     return messages
 
 
+def _keys(obj: dict[str, Any], limit: int = 8) -> str:
+    keys = sorted(map(str, obj))
+    return str(keys[:limit])[:-1] + ", ...]" if len(keys) > limit else str(keys)
+
+
+def field_hint(row: dict[str, Any], cfg: Any) -> str:
+    """Why a row lacks what `cfg.format` needs, in config terms: the row's keys against the
+    `data.*_field` settings, and the format the row looks like when it is another one. Every row
+    of a data set failing the same way is what this names (rows all skipped, the run stopped)."""
+    looks_chat = isinstance(row.get(cfg.messages_field, row.get("messages")), list)
+    looks_instruction = cfg.instruction_field in row and cfg.response_field in row
+    if cfg.format == "chat":
+        if cfg.messages_field not in row:
+            other = " (instruction rows? data.format=instruction)" if looks_instruction else ""
+            return (
+                f"data.format=chat needs data.messages_field={cfg.messages_field!r} (a list of "
+                f"messages), but rows have keys {_keys(row)}{other}"
+            )
+        messages = row[cfg.messages_field]
+        first = messages[0] if isinstance(messages, list) and messages else None
+        if isinstance(first, dict) and not {cfg.role_key, cfg.content_key} <= set(first):
+            return (
+                f"messages have keys {_keys(first)} but data.role_key={cfg.role_key!r} / "
+                f"data.content_key={cfg.content_key!r}"
+            )
+        return ""
+    fields = (
+        [cfg.text_field] if cfg.format == "text" else [cfg.instruction_field, cfg.response_field]
+    )
+    if all(f in row for f in fields):
+        return ""  # the keys match; a value is null: the row's fault, not the config's
+    if cfg.format == "text":
+        need = f"data.text_field={cfg.text_field!r}"
+    else:
+        need = (
+            f"data.instruction_field={cfg.instruction_field!r} / "
+            f"data.response_field={cfg.response_field!r}"
+        )
+    other = (
+        " (chat rows? data.format=chat)"
+        if looks_chat
+        else " (instruction rows? data.format=instruction)"
+        if cfg.format == "text" and looks_instruction
+        else ""
+    )
+    return f"rows have keys {_keys(row)} but {need}{other}"
+
+
 def encode_row(row: Any, tokenizer: Any, cfg: Any) -> TokenizedSample:
     """Validate and encode one row for `cfg.format` (a `DataConfig`); raise RowError if unusable."""
     if not isinstance(row, dict):
         raise RowError("not_object", f"expected a JSON object, got {type(row).__name__}")
+    try:
+        return _encode(row, tokenizer, cfg)
+    except RowError as e:
+        # A wrong type is the row's fault, except chat messages keyed unlike data.role_key etc.
+        if not e.hint and (
+            e.kind == "missing_field" or (e.kind, cfg.format) == ("wrong_type", "chat")
+        ):
+            e.hint = field_hint(row, cfg)
+        raise
+
+
+def _encode(row: dict[str, Any], tokenizer: Any, cfg: Any) -> TokenizedSample:
     if cfg.format == "text":
         return encode_text(tokenizer, _text_field(row, cfg.text_field))
     if cfg.format == "chat":

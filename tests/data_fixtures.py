@@ -1,4 +1,5 @@
-"""Helpers shared by the tests/test_data_*.py files: shard sets, tokenizer, collecting steps."""
+"""Helpers shared by the tests/test_data_*.py files: shard sets, JSONL files, tokenizer, building
+both readers, collecting steps."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from data.config import DataConfig
+from data.loader import MapStyleStepBatches, build_map_style
 from data.prepare import prepare
 from data.shards import ShardSet
 from data.streaming import StreamingStepBatches, build_streaming
@@ -67,6 +69,32 @@ def stream(
     return s
 
 
+def map_style(
+    cfg: DataConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    micro_batch_size: int = 4,
+    grad_accum_steps: int = 2,
+    seed: int = 7,
+    state: dict[str, Any] | None = None,
+) -> MapStyleStepBatches:
+    """The map-style reader of `cfg.train_path` (a JSONL file), as `stream` builds the other."""
+    s = build_map_style(
+        cfg,
+        cfg.train_path,
+        char_tokenizer(),
+        rank=rank,
+        world_size=world_size,
+        micro_batch_size=micro_batch_size,
+        grad_accum_steps=grad_accum_steps,
+        seed=seed,
+    )
+    if state is not None:
+        s.load_state_dict(state)
+    return s
+
+
 def step_rows(step: list[dict[str, Any]]) -> list[int]:
     """Global row ids of the samples in one step, in order (padding slots, -1, left out)."""
     out: list[int] = []
@@ -75,7 +103,9 @@ def step_rows(step: list[dict[str, Any]]) -> list[int]:
     return out
 
 
-def take(batches: StreamingStepBatches, num_steps: int) -> list[tuple[int, list[int]]]:
+def take(
+    batches: StreamingStepBatches | MapStyleStepBatches, num_steps: int
+) -> list[tuple[int, list[int]]]:
     """Run `num_steps` steps; return (epoch the step belonged to, its row ids) per step."""
     out = []
     it = iter(batches)

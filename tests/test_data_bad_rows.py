@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -9,7 +10,8 @@ import pytest
 
 from data.loader import DataError
 from data.shards import index_shards
-from tests.data_fixtures import config, stream, take
+from data.templates import RowError, encode_row
+from tests.data_fixtures import char_tokenizer, config, stream, take
 
 
 def good(i: int) -> bytes:
@@ -30,7 +32,8 @@ BAD_ROWS = [
 
 
 def write_bad_set(root):
-    """shard a: good and bad rows mixed; b: only invalid rows; c: empty; d: deleted after indexing."""
+    """shard a: good and bad rows mixed; b: only invalid rows; c: empty; d: two good rows (the
+    tests delete it once the stream is open: unreadable when read)."""
     lines = [good(0)]
     for i, (row, _) in enumerate(BAD_ROWS, 1):
         lines += [row, good(i)]
@@ -38,9 +41,7 @@ def write_bad_set(root):
     (root / "b.jsonl").write_bytes(b"not json\n{broken\n")
     (root / "c.jsonl").write_bytes(b"")
     (root / "d.jsonl").write_bytes(good(100) + b"\n" + good(101) + b"\n")
-    manifest = index_shards(str(root))
-    (root / "d.jsonl").unlink()
-    return manifest
+    return index_shards(str(root))
 
 
 @pytest.mark.timeout(60)
@@ -50,6 +51,7 @@ def test_lenient_mode_counts_each_kind_and_keeps_all_good_rows(tmp_path, caplog,
     assert [s["rows"] for s in manifest["shards"]] == [13, 2, 0, 2]
     cfg = config(tmp_path, max_bad_fraction=1.0, num_workers=num_workers)
     s = stream(cfg, micro_batch_size=2, grad_accum_steps=2)
+    (tmp_path / "d.jsonl").unlink()  # after the open-time check: gone when its rows are read
     with caplog.at_level(logging.WARNING, logger="data.streaming"):
         steps = take(s, s.steps_per_epoch)
     kept = [row for _, rows in steps for row in rows]
@@ -84,11 +86,11 @@ def test_strict_mode_error_names_file_and_line(tmp_path, num_workers):
 
 
 @pytest.mark.timeout(60)
-def test_strict_mode_missing_file(tmp_path):
+def test_strict_mode_file_gone_during_the_run(tmp_path):
     (tmp_path / "a.jsonl").write_bytes(good(0) + b"\n")
     index_shards(str(tmp_path))
-    (tmp_path / "a.jsonl").unlink()
     s = stream(config(tmp_path, bad_rows="strict"), micro_batch_size=1, grad_accum_steps=1)
+    (tmp_path / "a.jsonl").unlink()
     with pytest.raises(DataError, match=r"a\.jsonl:1: unreadable_file: file unreadable"):
         take(s, 1)
 
@@ -101,3 +103,20 @@ def test_lenient_mode_stops_above_max_bad_fraction(tmp_path):
         DataError, match=r"rows read by a data worker were bad .*data\.max_bad_fraction=0\.2"
     ):
         take(s, s.steps_per_epoch)
+
+
+@pytest.mark.timeout(60)
+def test_a_chat_template_that_rejects_a_conversation_is_a_counted_bad_chat_row(tmp_path):
+    tok = copy.deepcopy(char_tokenizer())
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('system messages are not supported') }}{% endif %}"
+        "{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    cfg = config("unused", format="chat")
+    ok = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    assert encode_row(ok, tok, cfg).num_target_tokens > 0
+    with pytest.raises(RowError, match="system messages are not supported") as e:
+        encode_row({"messages": [{"role": "system", "content": "x"}, *ok["messages"]]}, tok, cfg)
+    assert e.value.kind == "bad_chat"

@@ -51,8 +51,8 @@ def test_resume_at_other_world_size_neither_repeats_nor_skips(shards, before, af
     n_before = before["world_size"]
     runs = [stream(cfg, rank=r, **before) for r in range(n_before)]
     consumed = [row for s in runs for _, step in take(s, 6) for row in step]
-    states = [s.state_dict() for s in runs]
-    assert all(st == states[0] for st in states), "the state must not depend on the rank"
+    states = [{k: v for k, v in s.state_dict().items() if k != "counters"} for s in runs]
+    assert all(st == states[0] for st in states), "the position must not depend on the rank"
 
     resumed = [stream(cfg, rank=r, state=states[0], **after) for r in range(after["world_size"])]
     steps = resumed[0].plan().num_steps
