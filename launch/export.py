@@ -25,7 +25,7 @@ from trainer.checkpoint import (
     read_trainer_state,
     validate,
 )
-from trainer.config import ConfigError, RunConfig
+from trainer.config import ConfigError, RunConfig, directory_problem
 from trainer.dcp_io import UnsafeCheckpointError
 from trainer.model import ModelLoadError, build_model, build_tokenizer
 
@@ -78,11 +78,16 @@ def export(checkpoint: Path, output: Path) -> Path:
         cfg = RunConfig.model_validate(raw)
     except (OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{ckpt}/config.yaml: unreadable ({e})") from None
-    model = build_model(cfg.model, torch.device("cpu"))
+    try:
+        model = build_model(cfg.model, torch.device("cpu"))
+        tokenizer = build_tokenizer(cfg.model)
+    except ModelLoadError as e:
+        # The model path was read from the checkpoint, not typed on this command line: say where.
+        raise ModelLoadError(f"{ckpt / 'config.yaml'}: {e}") from None
     load_checkpoint_weights(ckpt, model, trainer.get("backend", "ddp"))
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output, safe_serialization=True)
-    build_tokenizer(cfg.model).save_pretrained(output)
+    tokenizer.save_pretrained(output)
     log.info("exported %s (step %s) to %s", ckpt, trainer.get("step"), output)
     return output
 
@@ -92,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", type=Path, help="checkpoint directory or checkpoints root")
     p.add_argument("--output", type=Path, required=True, help="HF model directory to write")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", force=True)
+    problem = directory_problem(args.output)
+    if problem:  # before the slow part, and instead of mkdir's FileExistsError traceback
+        print(f"error: --output: {problem}", file=sys.stderr)
+        return 2
     try:
         export(args.checkpoint, args.output)
     except (CheckpointError, ConfigError, ModelLoadError, UnsafeCheckpointError) as e:

@@ -137,3 +137,15 @@ def test_cli_rejects_bad_config_before_process_group(tmp_path, ranks):
     for code, started in ranks(_bad_config_rank, 2, str(path), timeout=120):
         assert code == 2
         assert not started
+
+
+def test_progress_bar_on_off_unquoted(tmp_path):
+    """YAML 1.1 reads an unquoted on/off as a boolean, in the file and on the command line."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(base_tree()) + "logging:\n  progress_bar: off\n")
+    assert load_config(path).logging.progress_bar == "off"
+    assert load_config(path, ["logging.progress_bar=on"]).logging.progress_bar == "on"
+    assert load_config(path, ["logging.progress_bar=off"]).logging.progress_bar == "off"
+    assert load_config(path, ["logging.progress_bar=auto"]).logging.progress_bar == "auto"
+    problems = problems_of(tmp_path, base_tree(), ["logging.progress_bar=sometimes"])
+    assert len(problems) == 1 and problems[0].startswith("logging.progress_bar:")

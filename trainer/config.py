@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
+import signal
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from data.config import DataConfig
 from trainer.config_base import Section
@@ -26,16 +28,24 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str], source: str | None = None):
         self.problems = problems
         where = f" in {source}" if source else ""
+        if len(problems) == 1:  # the usual case: the key and the fix on the one error line
+            super().__init__(f"invalid configuration{where}: {problems[0]}")
+            return
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"invalid configuration{where} ({len(problems)} problem(s)):\n{lines}")
 
 
 class ModelConfig(Section):
     name_or_path: str = Field(
-        ..., description="Hub id or local directory of any HF causal LM (AutoModelForCausalLM)."
+        ...,
+        description="Hub id or local directory of any HF causal LM (AutoModelForCausalLM). A "
+        "local path is stored absolute; `org/name` is read as a local path when `org/` is a "
+        "directory here (so a typo fails at once instead of being looked up on the Hub).",
     )
     tokenizer: str | None = Field(
-        None, description="Tokenizer hub id or directory; defaults to `model.name_or_path`."
+        None,
+        description="Tokenizer hub id or directory (read as name_or_path is); defaults to "
+        "`model.name_or_path`.",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32",
@@ -133,6 +143,15 @@ class LoggingConfig(Section):
         "auto", description="auto = a bar when stderr is a terminal, log lines otherwise."
     )
 
+    @field_validator("progress_bar", mode="before")
+    @classmethod
+    def _on_off_from_yaml(cls, value: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads an unquoted on/off (and yes/no) as a boolean, in the config
+        # file and in `logging.progress_bar=off` alike; take it back to the word that was meant.
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
+
 
 class CheckpointConfig(Section):
     dir: str | None = Field(None, description="Where checkpoints go; default RUN_DIR/checkpoints.")
@@ -159,8 +178,9 @@ class CheckpointConfig(Section):
     stop_signals: list[str] = Field(
         ["SIGTERM", "SIGUSR1"],
         description="Signals that make the run save a checkpoint at the end of the current "
-        "step and exit (preemption, time limits). Under torchrun, also pass "
-        "--signals-to-handle so it forwards them.",
+        "step and exit 0 (preemption, time limits). SIGINT (Ctrl-C) always does, and a second "
+        "Ctrl-C aborts without saving. Under torchrun, also pass --signals-to-handle so it "
+        "forwards signals other than SIGTERM/SIGINT.",
     )
 
 
@@ -277,6 +297,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         cfg = RunConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err), source) from None
+    _absolutize_model_paths(cfg)
     problems = check_consistency(cfg)
     if problems:
         raise ConfigError(problems, source)
@@ -301,14 +322,55 @@ def check_consistency(cfg: RunConfig) -> list[str]:
         problems.append("schedule.warmup_steps / schedule.warmup_ratio: set only one of them")
     if cfg.eval.num_generate and not cfg.data.eval_path:
         problems.append("eval.num_generate: needs data.eval_path")
-    import signal as _signal
-
     for name in cfg.checkpoint.stop_signals:
-        if not isinstance(getattr(_signal, name, None), _signal.Signals):
+        if not isinstance(getattr(signal, name, None), signal.Signals):
             problems.append(f"checkpoint.stop_signals: {name!r} is not a signal name")
     if cfg.eval.every_steps and not cfg.data.eval_path:
         problems.append("eval.every_steps: needs data.eval_path")
+    run_dir_problem = directory_problem(Path(cfg.run_dir))
+    if run_dir_problem:
+        problems.append(f"run_dir: {run_dir_problem}")
+    if cfg.checkpoint.dir or not run_dir_problem:  # the default lies inside run_dir
+        checkpoint_dir = cfg.checkpoint.dir or str(Path(cfg.run_dir) / "checkpoints")
+        checkpoint_problem = directory_problem(Path(checkpoint_dir))
+        if checkpoint_problem:
+            problems.append(f"checkpoint.dir: {checkpoint_problem}")
     return problems
+
+
+def directory_problem(path: Path) -> str | None:
+    """Why `path` cannot be used or created as an output directory, or None. Checked up front:
+    otherwise it surfaces mid-run, on one rank, as a FileExistsError traceback."""
+    try:
+        if path.is_symlink() and not path.exists():
+            return f"{path} is a broken symbolic link"
+        if path.exists():
+            if not path.is_dir():
+                return f"{path} is a file, not a directory"
+            return None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
+        # The nearest ancestor that exists is where mkdir(parents=True) will start.
+        parent = next(p for p in path.absolute().parents if p.exists())
+    except OSError as e:  # e.g. a parent directory we may not look into
+        return f"{path}: cannot be checked ({e.strerror})"
+    if not parent.is_dir():
+        return f"{path}: its parent {parent} is a file, not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{path} cannot be created: {parent} is not writable"
+    return None
+
+
+def _absolutize_model_paths(cfg: RunConfig) -> None:
+    """Make `model.name_or_path` / `model.tokenizer` absolute when they name something local,
+    so the config saved in the run directory and in every checkpoint still finds the model from
+    another working directory (`launch.export`). Hub ids are left as they are."""
+    m = cfg.model
+    for field in ("name_or_path", "tokenizer"):
+        value = getattr(m, field)
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        if path.exists():
+            setattr(m, field, os.path.abspath(path))
 
 
 # ---------------------------------------------------------------------------------------------
