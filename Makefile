@@ -11,7 +11,7 @@ NPROC  ?= 2
 
 .PHONY: install demo demo-zero2 demo-assets test test-fast lint format clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(VENV)/.deepspeed_op
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || \
 	  $(BIN)/python -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+# DeepSpeed's CPU communication op, built once into the venv (TORCH_EXTENSIONS_DIR defaults to
+# $(VENV)/torch_extensions): otherwise the first DeepSpeed run compiles it, for minutes. Without
+# a C++ compiler, or if it fails, a warning: that first run retries and reports why.
+$(VENV)/.deepspeed_op: $(VENV)/.installed
+	@if command -v $${CXX:-c++} >/dev/null 2>&1; then \
+	  $(BIN)/python -m trainer.deepspeed_ops --build || \
+	    echo "warning: DeepSpeed's CPU communication op did not build; DeepSpeed runs will retry"; \
+	else \
+	  echo "warning: no C++ compiler ($${CXX:-c++}): DeepSpeed's CPU communication op not built"; \
+	fi
 	touch $@
 
 demo-assets: install

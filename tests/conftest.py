@@ -8,8 +8,12 @@ from pathlib import Path
 import pytest
 
 from tests import launcher
+from trainer.deepspeed_ops import use_project_extensions_dir
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed's JIT op is built into (and loaded from) this venv, never the user-wide cache that
+# other venvs rebuild; every rank and CLI run the tests start inherits it.
+use_project_extensions_dir()
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO behind the one loop: equivalence with DDP, sharded resume, export, skip.
 
-Every multi-rank test runs real gloo ranks (DeepSpeed's CPU accelerator). The first DeepSpeed
-run of a machine JIT-builds a small communication op with g++ (a minute, then cached).
+Every multi-rank test runs real gloo ranks (DeepSpeed's CPU accelerator). Its communication op
+is built by `make install` into .venv/torch_extensions (conftest points TORCH_EXTENSIONS_DIR
+there); without that, the first DeepSpeed test builds it (half a minute to a few minutes).
 """
 
 from __future__ import annotations

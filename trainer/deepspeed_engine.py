@@ -37,6 +37,7 @@ from torch import nn
 from data.loader import MODEL_INPUT_KEYS
 from trainer.config import Derived, RunConfig
 from trainer.deepspeed_config import validate_deepspeed_config, zero_stage
+from trainer.deepspeed_ops import load_comm_op
 from trainer.dist import DistContext, barrier
 from trainer.engine import token_loss_sum
 from trainer.model import build_model
@@ -69,9 +70,14 @@ def _updates_disabled(optimizer: torch.optim.Optimizer) -> Iterator[None]:
 def _ensure_process_group(ctx: DistContext) -> None:
     """Make DeepSpeed's communication layer use our process group. `init_distributed` already
     started it under torchrun (DeepSpeed then just wraps it); a run launched without torchrun
-    has none, and DeepSpeed needs one even for one process, so a one-rank group starts here."""
+    has none, and DeepSpeed needs one even for one process, so a one-rank group starts here.
+
+    On a CPU, DeepSpeed's communication layer JIT-builds a C++ op when it starts; it is loaded
+    first by `load_comm_op` (venv-owned build dir, a message while it builds, a one-line error
+    instead of an endless wait on a lock left by a killed build)."""
     import deepspeed
 
+    load_comm_op()
     if not dist.is_initialized():
         for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
             os.environ.setdefault(name, value)
