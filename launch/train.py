@@ -18,6 +18,7 @@ from typing import Any
 
 from data.build import build_eval_dataset, build_train_batches
 from data.loader import DataError
+from launch import failures
 from trainer.build import build_engine, save_hf_model, seed_everything
 from trainer.checkpoint import CheckpointError, Checkpointing, CheckpointSaveError
 from trainer.config import (
@@ -29,15 +30,30 @@ from trainer.config import (
     resolve_batch,
     with_total_steps,
 )
+from trainer.deepspeed_ops import DeepSpeedOpError
 from trainer.dist import (
     DistContext,
     DistributedSetupError,
+    gather_objects,
     init_distributed,
+    mark_collective,
     shutdown,
     world_from_env,
 )
-from trainer.loop import Evaluator, NonFiniteLossError, TrainState, train
-from trainer.model import ModelLoadError, build_tokenizer
+from trainer.loop import (
+    Evaluator,
+    NonFiniteLossError,
+    NoTargetTokensError,
+    TrainState,
+    completed_result,
+    train,
+)
+from trainer.model import (
+    ModelLoadError,
+    build_tokenizer,
+    check_model_files,
+    check_tokenizer_fits,
+)
 
 log = logging.getLogger("fttrain")
 
@@ -48,12 +64,11 @@ USER_ERRORS = (
     ModelLoadError,
     DistributedSetupError,
     NonFiniteLossError,
+    NoTargetTokensError,
     CheckpointError,
     CheckpointSaveError,
+    DeepSpeedOpError,
 )
-
-
-NON_ZERO_RANK_EXIT_DELAY_S = 10.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -100,6 +115,7 @@ def prepare(argv: list[str] | None = None) -> Prepared:
 
         validate_deepspeed_config(cfg, derived)  # a bad JSON fails before any rank waits
     seed_everything(cfg.seed)
+    check_model_files(cfg.model)
     tokenizer = build_tokenizer(cfg.model)
     train_batches = build_train_batches(
         cfg.data,
@@ -116,17 +132,45 @@ def prepare(argv: list[str] | None = None) -> Prepared:
 
 
 def run(argv: list[str] | None = None) -> dict:
-    """Everything `main` does, raising instead of exiting; returns the run summary."""
-    p = prepare(argv)
+    """Everything `main` does, raising instead of exiting; returns the run summary. A user error
+    is reported (printed once, see launch.failures) before it propagates."""
+    world = world_from_env()
+    try:
+        p = prepare(argv)
+    except USER_ERRORS as e:
+        # Every rank reads the same config and data, so every rank fails here alike.
+        _report(e, world.rank, world.world_size, group_alive=False, pre_group=True)
+        raise
     ctx = init_distributed()  # only now: config and data are known to be valid
     try:
         summary = _train(p.cfg, p.derived, ctx, p.tokenizer, p.train_batches, p.eval_set)
-    except BaseException:
+    except BaseException as e:
+        if isinstance(e, USER_ERRORS):
+            _report(e, ctx.rank, ctx.world_size, group_alive=ctx.distributed, pre_group=False)
+        elif failures.is_comm_error(e) and not getattr(e, "reported", False):
+            if ctx.rank == 0:  # one line for the whole job; the other ranks' would repeat it
+                failures.report_comm_error(e, rank=ctx.rank)
+            else:
+                failures.write_error_file(
+                    f"error: rank {ctx.rank} lost contact with another rank", consequence=True
+                )
+            e.reported = True  # type: ignore[attr-defined]
         shutdown(ctx, clean=False)
         raise
     # Only after _train's objects (the DDP reducer holds the process group) are gone.
     shutdown(ctx, clean=True)
     return summary
+
+
+def _report(
+    e: BaseException, rank: int, world_size: int, *, group_alive: bool, pre_group: bool
+) -> None:
+    if getattr(e, "reported", False):
+        return
+    failures.report_user_error(
+        e, rank=rank, world_size=world_size, group_alive=group_alive, pre_group=pre_group
+    )
+    e.reported = True  # type: ignore[attr-defined]
 
 
 def _train(
@@ -154,6 +198,10 @@ def _train(
             run_dir,
         )
     engine = build_engine(cfg, derived, ctx)
+    try:
+        check_tokenizer_fits(engine.unwrapped_model(), tokenizer, cfg.model)
+    except ModelLoadError as e:
+        raise mark_collective(e) from None  # the same model and tokenizer on every rank
     evaluator = Evaluator(cfg, ctx, eval_set.samples, tokenizer) if eval_set else None
     checkpointing = Checkpointing(
         cfg,
@@ -163,31 +211,38 @@ def _train(
         run_dir,
         method=training_method(cfg),
         config_yaml=(run_dir / "config.yaml").read_text() if ctx.is_main else "",
+        total_steps=derived.total_steps,
     )
     state = TrainState()
     started = time.time()
+    total = derived.total_steps
+    assert total is not None
     try:
         checkpointing.restore(state)
-        result = train(
-            cfg,
-            derived,
-            ctx,
-            engine,
-            train_batches,
-            run_dir=run_dir,
-            evaluator=evaluator,
-            state=state,
-            on_step_end=checkpointing.on_step_end,
-        )
-        if not result.stopped:
-            checkpointing.finish(result.state)
+        if state.step >= total:
+            result = completed_result(ctx, state, run_dir, train_batches)
+        else:
+            result = train(
+                cfg,
+                derived,
+                ctx,
+                engine,
+                train_batches,
+                run_dir=run_dir,
+                evaluator=evaluator,
+                state=state,
+                on_step_end=checkpointing.on_step_end,
+            )
+            if not result.stopped:
+                checkpointing.finish(result.state)
     finally:
         checkpointing.close()
     summary = {
         "steps": result.state.step,
         "tokens_seen": result.state.tokens_seen,
         "skipped_steps": result.state.num_skipped_steps,
-        "final_loss": result.losses[-1] if result.losses else None,
+        "empty_steps": result.state.num_empty_steps,
+        "final_loss": result.final_loss,
         "train_seconds": round(time.time() - started, 2),
         "eval": result.eval_history,
         "data": result.data_totals,
@@ -200,11 +255,24 @@ def _train(
                 result.state.step,
             )
         return summary
+    summary_path, model_dir = run_dir / "summary.json", run_dir / "model"
+    if not result.losses:  # nothing trained in this invocation: the run was already complete
+        # Rank 0 looks at the files; every rank must agree (exporting is collective).
+        done = gather_objects(ctx, summary_path.is_file() and model_dir.is_dir())[0]
+        if done:
+            if ctx.is_main:
+                log.info(
+                    "already complete at step %d (%s); nothing to train. To train further, "
+                    "raise train.max_steps",
+                    state.step,
+                    summary_path,
+                )
+            return json.loads(summary_path.read_text()) if ctx.is_main else summary
     if cfg.output.save_hf_model:
-        save_hf_model(engine, tokenizer, str(run_dir / "model"), ctx)
-        summary["model_dir"] = str(run_dir / "model")
+        save_hf_model(engine, tokenizer, str(model_dir), ctx)
+        summary["model_dir"] = str(model_dir)
     if ctx.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary_path.write_text(json.dumps(summary, indent=2))
         log.info("%s", describe_eval_change(result.eval_history))
         log.info(
             "done: %s",
@@ -223,6 +291,11 @@ def describe_eval_change(history: list[dict[str, float]]) -> str:
     if not history:
         return "no evaluation was configured"
     first, last = history[0], history[-1]
+    if len(history) == 1:
+        shown = [f"eval loss {last['eval/loss']:.3f} (step {last['step']})"]
+        if "eval/accuracy" in last:
+            shown.insert(0, f"exact-match accuracy {100 * last['eval/accuracy']:.1f}%")
+        return "; ".join(shown)
     parts = []
     if "eval/accuracy" in last:
         parts.append(
@@ -236,15 +309,22 @@ def describe_eval_change(history: list[dict[str, float]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     try:
         run(argv)
-    except USER_ERRORS as e:
-        # Every rank hits the same config/data error; only rank 0 prints it. The others wait a
-        # moment before exiting: torchrun kills the remaining ranks as soon as one exits, which
-        # could otherwise cut rank 0 off before its message is out.
+    except KeyboardInterrupt:
+        # The second Ctrl-C (the first one asks for a save at the next step boundary).
         if world_rank_or_zero() == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        else:
-            time.sleep(NON_ZERO_RANK_EXIT_DELAY_S)
-        return 2
+            failures.emit(
+                "error: interrupted: stopped at once without saving; rerun the same command "
+                "to resume from the last checkpoint"
+            )
+        return failures.EXIT_INTERRUPTED
+    except USER_ERRORS as e:
+        if not getattr(e, "reported", False):  # e.g. an inconsistent launch environment
+            failures.report_user_error(e, rank=0, world_size=1, group_alive=False, pre_group=True)
+        return failures.EXIT_USER_ERROR
+    except Exception as e:
+        if getattr(e, "reported", False):  # a lost peer, already said in one line
+            return 1
+        raise
     return 0
 
 

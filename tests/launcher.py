@@ -127,14 +127,19 @@ def run_torchrun(
     timeout: float = 300,
     cwd: str | Path = REPO,
     env: dict | None = None,
+    launcher: str = "torch.distributed.run",
+    signal_when: Callable[[], bool] | None = None,
+    signum: int = signal.SIGINT,
 ) -> subprocess.CompletedProcess:
-    """Run `torchrun --nproc_per_node=nproc <argv>` on a free port. On timeout every process it
-    started is killed and the test fails; output goes through a file, so a straggler holding a
-    pipe open can never block the test."""
+    """Run `torchrun --nproc_per_node=nproc <argv>` on a free port (or our `launch.run`, which
+    takes the same options: `launcher="launch.run"`). On timeout every process it started is
+    killed and the test fails; output goes through a file, so a straggler holding a pipe open
+    can never block the test. `signal_when`: polled while the run goes on; the first time it
+    returns True, `signum` is sent once to the launcher (as Ctrl-C or a scheduler would)."""
     cmd = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        launcher,
         f"--nproc_per_node={nproc}",
         "--master_addr=127.0.0.1",
         f"--master_port={free_port()}",
@@ -150,11 +155,7 @@ def run_torchrun(
             text=True,
             start_new_session=True,
         )
-        try:
-            proc.wait(timeout=timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            timed_out = True
+        timed_out = _wait(proc, timeout, signal_when, signum)
         stragglers = _descendants(proc.pid)
         deadline = time.monotonic() + 10
         while stragglers and not timed_out and time.monotonic() < deadline:
@@ -175,3 +176,27 @@ def run_torchrun(
             f"torchrun {' '.join(argv)} still running after {timeout}s; killed\n{out[-4000:]}"
         )
     return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
+
+
+def _wait(
+    proc: subprocess.Popen,
+    timeout: float,
+    signal_when: Callable[[], bool] | None,
+    signum: int,
+) -> bool:
+    """Wait for `proc`; True if it timed out. Sends `signum` once when `signal_when()` holds."""
+    deadline = time.monotonic() + timeout
+    while signal_when is not None:
+        if proc.poll() is not None:
+            return False
+        if signal_when():
+            proc.send_signal(signum)
+            break
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.05)  # polling a file the run writes; there is nothing to block on
+    try:
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        return False
+    except subprocess.TimeoutExpired:
+        return True

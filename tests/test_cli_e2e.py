@@ -67,6 +67,8 @@ def test_torchrun_two_ranks_writes_everything(tiny_assets, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_torchrun_bad_config_fails_fast_with_one_message(tiny_assets, tmp_path):
+    """Under stock torchrun the message comes once and first; no worker traceback (torchrun's
+    own failure summary follows, with our line as its root cause)."""
     argv = [
         "-m",
         "launch.train",
@@ -74,11 +76,28 @@ def test_torchrun_bad_config_fails_fast_with_one_message(tiny_assets, tmp_path):
     ]
     proc = run_torchrun(argv, nproc=2, timeout=100)
     assert proc.returncode != 0
-    msg = "train.global_batch_size=12 is not divisible by train.micro_batch_size=4"
-    assert proc.stdout.count(msg) == 1, proc.stdout[-3000:]
-    # Our message leads; after it only torchrun's own launcher summary (a worker exiting
-    # non-zero makes torchrun print one), never a worker traceback from our code or a library.
+    msg = (
+        "train.global_batch_size=12 is not divisible by train.micro_batch_size=4 x world size 2 = 8"
+    )
     lines = [x for x in proc.stdout.splitlines() if "accelerator" not in x and x.strip()]
-    assert lines[0].startswith("error: invalid configuration"), lines[:3]
+    assert lines[0] == f"error: invalid configuration: {msg}; pick a global batch that is a "(
+        "multiple of 8"
+    ), lines[:3]
+    assert sum(x.startswith("error:") for x in lines) == 1, proc.stdout[-3000:]  # not per rank
     for frame in ("launch/train.py", "trainer/", "pydantic"):
         assert frame not in proc.stdout
+    assert "Root Cause" in proc.stdout and "traceback : error: invalid configuration" in (
+        proc.stdout
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_launch_run_bad_config_has_no_traceback_at_all(tiny_assets, tmp_path):
+    argv = tiny_config_args(tiny_assets, tmp_path / "run", "train.global_batch_size=12")
+    proc = run_torchrun(argv, nproc=2, timeout=100, launcher="launch.run")
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
+    errors = [x for x in proc.stdout.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: invalid configuration"), errors
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("launch.run: training failed")

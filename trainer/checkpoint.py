@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from trainer.dist import DistContext
+from trainer.dist import DistContext, mark_collective
 
 log = logging.getLogger("fttrain")
 
@@ -268,9 +268,15 @@ class CheckpointManager:
         self.last_saved_step: int | None = None
         # Test seam: called with (point, step) at the phases of a save.
         self.fault_hook = fault_hook or (lambda point, step: None)
-        # Checkpoint collectives run on their own gloo group so an async write in a background
-        # thread never interleaves with the training loop's collectives.
+        # Checkpoint collectives run on their own gloo group so they never interleave with the
+        # training loop's. The background writer of an async save gets a group of its own as
+        # well: DCP's writer thread runs collectives (gather of write results) while the main
+        # thread runs this manager's (`_agree`, `poll`); two threads issuing collectives on one
+        # group deadlock (seen: every 2-rank async run hung at its first save).
         self.group = dist.new_group(backend="gloo") if ctx.distributed else None
+        self.async_group = (
+            dist.new_group(backend="gloo") if ctx.distributed and async_save else None
+        )
         if ctx.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(f"{TMP_PREFIX}*"):
@@ -287,8 +293,10 @@ class CheckpointManager:
     def _raise_if_any(self, error: str | None, what: str) -> None:
         errors = _agree(self.ctx, error, self.group)
         if errors:
-            raise CheckpointSaveError(
-                f"{what} failed; the previous checkpoint is intact. " + "; ".join(errors)
+            raise mark_collective(
+                CheckpointSaveError(
+                    f"{what} failed; the previous checkpoint is intact. " + "; ".join(errors)
+                )
             )
 
     # -- saving -------------------------------------------------------------------------------
@@ -318,7 +326,7 @@ class CheckpointManager:
         error = None
         try:
             if self.async_save and hasattr(engine, "save_state_async"):
-                future = engine.save_state_async(tmp / "engine", self.group)
+                future = engine.save_state_async(tmp / "engine", self.async_group)
             else:
                 engine.save_state(tmp / "engine")
             self.fault_hook("after_engine_state", step)
@@ -425,11 +433,12 @@ class CheckpointManager:
         if self.ctx.distributed:
             dist.broadcast_object_list(choice, src=0, group=self.group)
         if isinstance(choice[0], dict):
-            raise CheckpointError(choice[0]["error"])
+            raise mark_collective(CheckpointError(choice[0]["error"]))
         return Path(choice[0]) if choice[0] else None
 
     def _choose(self, resume: str) -> str | dict | None:
         if resume == "never":
+            self._set_aside(newer_than=None, why="checkpoint.resume=never")
             return None
         if resume == "auto":
             path, notes = find_latest_valid(self.root, self.verify_checksums)
@@ -446,7 +455,41 @@ class CheckpointManager:
         reason = validate(path, self.verify_checksums)
         if reason:
             return {"error": f"checkpoint.resume={resume}: not a usable checkpoint: {reason}"}
+        inside = path.resolve().parent == self.root.resolve()
+        m = _NAME.match(path.name)
+        self._set_aside(
+            newer_than=int(m.group(1)) if inside and m else None,
+            why=f"checkpoint.resume={resume}",
+        )
         return str(path)
+
+    def _set_aside(self, newer_than: int | None, why: str) -> None:
+        """Move this directory's checkpoints that belong to another line of training (all, or
+        those past step `newer_than`) into `superseded-<time>/`: left in place they would be
+        replaced by this run's saves of the same step, pruned in favour of them, or picked by
+        a later auto-resume. Nothing is deleted."""
+        moving = [
+            p for step, p in list_checkpoints(self.root) if newer_than is None or step > newer_than
+        ]
+        if not moving:
+            return
+        aside = self.root / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir(parents=True, exist_ok=True)
+        for p in moving:
+            os.rename(p, aside / p.name)
+        (self.root / LATEST).unlink(missing_ok=True)  # it may name a moved checkpoint
+        remaining = list_checkpoints(self.root)
+        if remaining:
+            _write_file(self.root / LATEST, remaining[0][1].name)
+        _fsync_dir(self.root)
+        log.warning(
+            "%s: moved %d checkpoint(s) of another line of training (newest %s) to %s; "
+            "they are not deleted",
+            why,
+            len(moving),
+            moving[0].name,
+            aside,
+        )
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
@@ -500,14 +543,17 @@ def check_compatible(
 
 
 class _StopRequest:
-    """Turns the configured signals into a flag checked at step boundaries."""
+    """Turns the configured signals into a flag checked at step boundaries. A second SIGINT
+    (Ctrl-C pressed again while the save is pending) aborts at once with KeyboardInterrupt."""
 
-    def __init__(self, names: list[str]):
+    def __init__(self, names: list[str], announce: bool = True):
         import signal
 
         self.requested = 0
+        self.announce = announce  # one rank tells the user; the others would repeat it
         self.previous = {}
-        for name in names:
+        # Ctrl-C always means "save and stop" (twice: abort), whatever stop_signals lists.
+        for name in dict.fromkeys([*names, "SIGINT"]):
             sig = getattr(signal, name)
             self.previous[sig] = signal.signal(sig, self._handle)
 
@@ -520,7 +566,20 @@ class _StopRequest:
         self.previous = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = signum
+        import signal
+
+        if signum == signal.SIGINT and self.requested == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.requested:
+            self.requested = signum
+            if not self.announce:
+                return
+            # Signal handlers run between bytecodes of the main thread: logging here is safe.
+            log.warning(
+                "%s received: saving a checkpoint at the end of this step, then exiting%s",
+                signal.Signals(signum).name,
+                " (press Ctrl-C again to abort without saving)" if signum == signal.SIGINT else "",
+            )
 
 
 class Checkpointing:
@@ -536,6 +595,7 @@ class Checkpointing:
         *,
         method: str,
         config_yaml: str,
+        total_steps: int | None = None,
     ):
         from trainer import faults
 
@@ -552,7 +612,8 @@ class Checkpointing:
             async_save=c.async_save,
             fault_hook=lambda point, step: faults.maybe_fail(point, step, ctx.rank),
         )
-        self.stop = _StopRequest(c.stop_signals)
+        self.stop = _StopRequest(c.stop_signals, announce=ctx.is_main)
+        self.total_steps = total_steps
         self.blocked_seconds: list[float] = []
 
     def _fingerprint(self) -> dict:
@@ -561,27 +622,43 @@ class Checkpointing:
         return model_fingerprint(self.engine.unwrapped_model())
 
     def restore(self, state: Any) -> Path | None:
-        """Load the checkpoint chosen by `checkpoint.resume` into engine, data, RNG and `state`."""
+        """Load the checkpoint chosen by `checkpoint.resume` into engine, data, RNG and `state`.
+        Collective; a problem on any rank is raised on every rank (one message)."""
         path = self.manager.resolve_resume(self.cfg.checkpoint.resume)
         if path is None:
             return None
-        saved = read_trainer_state(path)
-        check_compatible(
-            saved,
-            path,
-            fingerprint=self._fingerprint(),
-            method=self.method,
-            backend=self.cfg.train.backend,
-        )
+        saved: dict[str, Any] = {}
+        error = None
+        try:
+            saved = read_trainer_state(path)
+            check_compatible(
+                saved,
+                path,
+                fingerprint=self._fingerprint(),
+                method=self.method,
+                backend=self.cfg.train.backend,
+            )
+            self._check_progress(saved, path)
+        except CheckpointError as e:
+            error = str(e)
+        self._agree_or_raise(error)
         try:
             self.engine.load_state(path / "engine")
+            error = None
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - a library error here is the checkpoint's fault
-            raise CheckpointError(f"{path}/engine: cannot load ({describe_error(e)})") from None
+            error = f"{path}/engine: cannot load ({describe_error(e)})"
+        self._agree_or_raise(error)
         state.load_state_dict(saved["train_state"])
-        rank_state = read_rank_state(path, self.ctx.rank)
-        self.data.load_state_dict(rank_state["data"])
+        data_state = self._data_state(path, saved)
+        error, error_cls = None, CheckpointError
+        try:
+            self.data.load_state_dict(data_state)
+        except ValueError as e:  # DataError: the data changed in a way the order cannot follow
+            error, error_cls = str(e), type(e)
+        self._agree_or_raise(error, error_cls)
         if saved.get("world_size") == self.ctx.world_size:
-            restore_rng(rank_state["rng"])
+            restore_rng(read_rank_state(path, self.ctx.rank)["rng"])
+        self._apply_changed_settings(path)
         self.manager.last_saved_step = state.step
         if self.ctx.is_main:
             log.info(
@@ -591,6 +668,53 @@ class Checkpointing:
                 saved.get("world_size"),
             )
         return path
+
+    def _agree_or_raise(self, error: str | None, cls: type[Exception] = CheckpointError) -> None:
+        errors = _agree(self.ctx, error, self.manager.group)
+        if errors:
+            # All ranks raise the same message; a rank is named when not every rank failed.
+            message = error if len(errors) == self.ctx.world_size and error else errors[0]
+            raise mark_collective(cls(message))
+
+    def _check_progress(self, saved: dict[str, Any], path: Path) -> None:
+        """A checkpoint past this run's last step would silently train nothing."""
+        step = int(saved.get("step", saved.get("train_state", {}).get("step", 0)))
+        total = self.total_steps
+        if total is not None and step > total:
+            raise CheckpointError(
+                f"{path} is at step {step}, past this run's {total} steps (train.max_steps / "
+                f"train.num_epochs): raise train.max_steps above {step} to continue it, or pass "
+                "checkpoint.resume=never and another run_dir to start over"
+            )
+
+    def _data_state(self, path: Path, saved: dict[str, Any]) -> dict[str, Any]:
+        """This rank's data state. On another world size the position is global (every rank
+        reads the same one) and the data counters, which are per rank, are handed to rank 0
+        summed, so that the run's totals carry on unchanged."""
+        state = dict(read_rank_state(path, self.ctx.rank)["data"])
+        saved_world = int(saved.get("world_size", self.ctx.world_size))
+        if saved_world == self.ctx.world_size:
+            return state
+        total: dict[str, float] = {}
+        if self.ctx.is_main:
+            for r in range(saved_world):
+                for k, v in read_rank_state(path, r)["data"].get("counters", {}).items():
+                    if isinstance(v, (int, float)):
+                        total[k] = total.get(k, 0) + v
+        state["counters"] = total
+        return state
+
+    def _apply_changed_settings(self, path: Path) -> None:
+        """Optimizer and schedule settings of THIS run's config win over the checkpoint's (the
+        Adam moments are kept); what changed is logged, so a resumed run is never silently
+        trained with settings other than the ones its config.yaml records."""
+        from trainer.optim import apply_optim_settings, describe_changes
+
+        optimizer = getattr(self.engine, "client_optimizer", None) or self.engine.optimizer
+        apply_optim_settings(optimizer, self.engine.scheduler, self.cfg.optim)
+        if self.ctx.is_main:
+            for change in describe_changes(path / "config.yaml", self.cfg):
+                log.warning("resume: %s (the new value applies from here on)", change)
 
     def save(self, state: Any) -> None:
         blocked = self.manager.save(

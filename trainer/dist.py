@@ -12,6 +12,7 @@ import datetime
 import gc
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,17 @@ import torch.distributed as dist
 
 class DistributedSetupError(RuntimeError):
     """The launch environment is inconsistent (e.g. RANK without WORLD_SIZE)."""
+
+
+def mark_collective(error: BaseException) -> BaseException:
+    """Flag an exception that every rank raises at the same point, so that it is reported once
+    (by rank 0) rather than once per rank; see launch.failures."""
+    error.collective = True  # type: ignore[attr-defined]
+    return error
+
+
+def is_collective(error: BaseException) -> bool:
+    return bool(getattr(error, "collective", False))
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,10 @@ class DistContext:
     world_size: int
     device: torch.device
     backend: str | None  # None when single-process without a process group
+    # A gloo group for small CPU-side collectives (token counts, flags, objects): on GPU the
+    # default group is nccl, and a collective there would need a host-device sync to read.
+    # None = the default group (already gloo on CPU).
+    cpu_group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -91,24 +107,34 @@ def init_distributed(timeout_s: float = 600.0) -> DistContext:
             f"process group (rank {dist.get_rank()} of {dist.get_world_size()}) disagrees with "
             f"the environment (RANK={info.rank}, WORLD_SIZE={info.world_size})"
         )
-    return DistContext(info.rank, info.local_rank, info.world_size, device, backend)
+    cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else None
+    return DistContext(info.rank, info.local_rank, info.world_size, device, backend, cpu_group)
 
 
 def all_reduce_sum(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
-    """Sum `tensor` across ranks in place (no-op when single-process) and return it."""
+    """Sum `tensor` across ranks in place (no-op when single-process) and return it. A CPU
+    tensor goes through the CPU group, so reading the result never waits on the device."""
     if ctx.distributed:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        group = ctx.cpu_group if tensor.device.type == "cpu" else None
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+def gather_objects(ctx: DistContext, obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    if not ctx.distributed:
+        return [obj]
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj, group=ctx.cpu_group)
+    return gathered
 
 
 def sum_counters(ctx: DistContext, counters: dict[str, float]) -> dict[str, float]:
     """Sum dicts of counters over ranks; keys may differ between ranks (a missing key is 0)."""
     if not ctx.distributed:
         return dict(counters)
-    gathered: list[dict[str, float]] = [{} for _ in range(ctx.world_size)]
-    dist.all_gather_object(gathered, counters)
     total: dict[str, float] = {}
-    for part in gathered:
+    for part in gather_objects(ctx, counters):
         for key, value in part.items():
             total[key] = total.get(key, 0.0) + float(value)
     return total

@@ -17,11 +17,17 @@ from typing import Any
 
 import torch
 
-from data.loader import Batch, StepBatches
+from data.loader import Batch, DataError, StepBatches
 from data.templates import TokenizedSample
 from trainer import faults
 from trainer.config import Derived, RunConfig
-from trainer.dist import DistContext, all_reduce_sum, sum_counters
+from trainer.dist import (
+    DistContext,
+    all_reduce_sum,
+    gather_objects,
+    mark_collective,
+    sum_counters,
+)
 from trainer.engine import Engine, count_target_tokens
 from trainer.evaluate import eval_exact_match, eval_loss
 from trainer.metrics import MetricsWriter, Progress, peak_memory_mb
@@ -33,6 +39,14 @@ class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
+class NoTargetTokensError(RuntimeError):
+    """The data gives optimizer steps without any token to learn from."""
+
+
+# A run stops once more than this share of its steps had no target token (or its first did).
+MAX_EMPTY_STEP_FRACTION = 0.05
+
+
 @dataclass
 class TrainState:
     """Counters that advance with the run (and are saved with checkpoints)."""
@@ -41,6 +55,7 @@ class TrainState:
     tokens_seen: int = 0  # input tokens (non-pad) consumed, over all ranks
     num_skipped_steps: int = 0  # steps skipped for a non-finite loss / grad norm
     consecutive_nonfinite: int = 0
+    num_empty_steps: int = 0  # steps whose global batch had no target token (also skipped)
 
     def state_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -54,9 +69,10 @@ class TrainState:
 class StepResult:
     loss: float
     grad_norm: float
-    skipped: bool
+    skipped: bool  # non-finite loss or gradient norm: the update was not applied
     num_target_tokens: int
     num_input_tokens: int
+    empty: bool = False  # no target token in the global batch: the update was not applied
 
 
 @dataclass
@@ -66,6 +82,13 @@ class TrainResult:
     eval_history: list[dict[str, float]] = field(default_factory=list)
     data_totals: dict[str, float] = field(default_factory=dict)  # summed over ranks, at the end
     stopped: bool = False  # True when a stop was requested (signal) before the last step
+    previous_loss: float | None = None  # the last loss logged before a resume (rank 0)
+
+    @property
+    def final_loss(self) -> float | None:
+        if self.losses:
+            return self.losses[-1]
+        return self.previous_loss
 
 
 def num_real_tokens(batch: Batch) -> torch.Tensor | int:
@@ -78,19 +101,30 @@ def num_real_tokens(batch: Batch) -> torch.Tensor | int:
 
 
 def train_step(
-    engine: Engine, micro_batches: list[Batch], max_grad_norm: float | None, step: int = 0
+    engine: Engine,
+    micro_batches: list[Batch],
+    max_grad_norm: float | None,
+    step: int = 0,
+    data_error: str | None = None,
 ) -> StepResult:
     """One optimizer step (`step`, 1-based) over this rank's micro-batches, normalized by the
-    global target-token count."""
+    global target-token count. `data_error`: this rank could not read its micro-batches; every
+    rank then raises the same DataError before any forward (a rank that left alone would leave
+    the others hanging in a collective, and its message would be lost)."""
     ctx = engine.ctx
-    # Token counts come from CPU labels (no device sync); one all-reduce gives the global count
-    # that every rank must divide by before its first backward.
-    local = torch.zeros(2, dtype=torch.float64)
+    # Token counts come from CPU labels; one all-reduce on the CPU group gives the global count
+    # that every rank must divide by before its first backward (no device sync to read it).
+    local = torch.zeros(3, dtype=torch.float64)
     for b in micro_batches:
         local[0] += count_target_tokens(b["labels"])
         local[1] += num_real_tokens(b)
-    counts = all_reduce_sum(ctx, local.to(ctx.device))
-    loss_scale = (ctx.world_size / counts[0].clamp(min=1.0)).float()
+    local[2] = 1.0 if data_error is not None else 0.0
+    num_target, num_input, num_failed = all_reduce_sum(ctx, local).tolist()
+    if num_failed:
+        raise_agreed_data_error(ctx, data_error, int(num_failed))
+    loss_scale = torch.tensor(ctx.world_size / max(num_target, 1.0), dtype=torch.float32).to(
+        ctx.device, non_blocking=True
+    )
 
     loss_sum = torch.zeros((), dtype=torch.float32, device=ctx.device)
     last = len(micro_batches) - 1
@@ -103,11 +137,56 @@ def train_step(
     stats = torch.stack([loss_sum.double(), grad_norm.detach().double().to(ctx.device)])
     all_reduce_sum(ctx, stats[:1])  # NaN/inf on any rank makes the sum non-finite on all
     global_loss_sum, norm = stats.tolist()  # host sync: once per step, decides skip + logging
-    num_target, num_input = counts.tolist()  # host sync: already complete after the line above
     loss = global_loss_sum / max(num_target, 1.0)
-    skipped = not (math.isfinite(loss) and math.isfinite(norm))
-    engine.optimizer_step(skip=skipped)
-    return StepResult(loss, norm, skipped, int(num_target), int(num_input))
+    # A step without a single target token carries no signal; AdamW would still move the
+    # weights (momentum, weight decay), so it is skipped like a non-finite one, and counted.
+    nonfinite = not (math.isfinite(loss) and math.isfinite(norm))
+    empty = num_target == 0
+    engine.optimizer_step(skip=nonfinite or empty)
+    return StepResult(loss, norm, nonfinite, int(num_target), int(num_input), empty)
+
+
+def raise_agreed_data_error(ctx: DistContext, error: str | None, num_failed: int) -> None:
+    """Raise, on every rank, the first failing rank's data error (naming that rank)."""
+    errors = gather_objects(ctx, error)
+    rank, first = next((r, e) for r, e in enumerate(errors) if e is not None)
+    where = f" (rank {rank})" if ctx.world_size > 1 else ""
+    others = f"; {num_failed - 1} other rank(s) failed too" if num_failed > 1 else ""
+    raise mark_collective(DataError(f"{first}{where}{others}"))
+
+
+def explain_empty_steps(cfg: RunConfig, totals: dict[str, float]) -> str:
+    """The likeliest reason the data yields no target tokens, from the pipeline's counters."""
+    d = cfg.data
+    kept = totals.get("rows_kept", 0.0)
+    skipped = {k[len("skipped_") :]: v for k, v in totals.items() if k.startswith("skipped_") and v}
+    hints = []
+    if skipped:
+        shown = ", ".join(f"{k}={int(v)}" for k, v in sorted(skipped.items()))
+        hints.append(f"rows skipped as bad: {shown}")
+        if "missing_field" in skipped or "wrong_type" in skipped:
+            fields = (
+                f"data.messages_field={d.messages_field!r}"
+                if d.format == "chat"
+                else f"data.text_field={d.text_field!r}"
+                if d.format == "text"
+                else f"data.instruction_field={d.instruction_field!r}, "
+                f"data.response_field={d.response_field!r}"
+            )
+            hints.append(
+                f"check that the rows have the fields data.format={d.format} reads ({fields})"
+            )
+    if kept and totals.get("truncated", 0.0) >= kept / 2:
+        hints.append(
+            f"{int(totals['truncated'])} of {int(kept)} samples were cut at data.seq_len="
+            f"{d.seq_len}, which can remove every response token: raise data.seq_len"
+        )
+    if not d.loss_on_prompt and not hints:
+        hints.append(
+            f"the loss is taken on responses only (data.format={d.format}); check that the rows "
+            f"have non-empty responses and that data.seq_len={d.seq_len} leaves room for them"
+        )
+    return "; ".join(hints)
 
 
 def data_totals(ctx: DistContext, counters: dict[str, float]) -> dict[str, float]:
@@ -155,6 +234,54 @@ class Evaluator:
         return out
 
 
+def check_empty_step(
+    cfg: RunConfig,
+    ctx: DistContext,
+    state: TrainState,
+    data_metrics: Callable[[], dict[str, float]] | None,
+) -> None:
+    """Count a step without target tokens; stop the run when the data evidently gives none.
+    Called on every rank alike (the count is global), so the error is collective."""
+    state.num_empty_steps += 1
+    log.warning(
+        "step %d: no target token in the global batch; update skipped (%d such steps so far)",
+        state.step,
+        state.num_empty_steps,
+    )
+    first = state.step == 1
+    too_many = state.num_empty_steps > max(1, MAX_EMPTY_STEP_FRACTION * state.step)
+    if not (first or too_many):
+        return
+    totals = data_totals(ctx, data_metrics()) if data_metrics is not None else {}
+    what = (
+        "the first step"
+        if first
+        else f"{state.num_empty_steps} of {state.step} steps (more than "
+        f"{MAX_EMPTY_STEP_FRACTION:.0%})"
+    )
+    raise mark_collective(
+        NoTargetTokensError(
+            f"{what} had no target token to train on: {explain_empty_steps(cfg, totals)}"
+        )
+    )
+
+
+def completed_result(
+    ctx: DistContext, state: TrainState, run_dir: Path, train_batches: StepBatches
+) -> TrainResult:
+    """The result of a run restored at its last step (a rerun of a finished run): nothing to
+    train; the loss and evals it reported come from its metrics.jsonl."""
+    result = TrainResult(state=state)
+    if ctx.is_main:
+        writer = MetricsWriter(run_dir, enabled=True, tensorboard=False, start_step=state.step)
+        writer.close()
+        result.eval_history = list(writer.previous_evals)
+        if writer.previous_train is not None:
+            result.previous_loss = writer.previous_train.get("train/loss")
+    result.data_totals = data_totals(ctx, train_batches.metrics())
+    return result
+
+
 def train(
     cfg: RunConfig,
     derived: Derived,
@@ -173,7 +300,12 @@ def train(
     total = derived.total_steps
     state = state or TrainState()
     result = TrainResult(state=state)
-    writer = MetricsWriter(run_dir, enabled=ctx.is_main, tensorboard=cfg.logging.tensorboard)
+    writer = MetricsWriter(
+        run_dir, enabled=ctx.is_main, tensorboard=cfg.logging.tensorboard, start_step=state.step
+    )
+    result.eval_history = list(writer.previous_evals)  # the evals before a resume count too
+    if writer.previous_train is not None:
+        result.previous_loss = writer.previous_train.get("train/loss")
     progress = Progress(
         total, state.step, ctx.is_main, cfg.logging.progress_bar, cfg.logging.every_steps
     )
@@ -198,12 +330,21 @@ def train(
     try:
         while state.step < total:
             step_start = time.perf_counter()
-            res = train_step(engine, next(batches), cfg.train.max_grad_norm, state.step + 1)
+            try:
+                micro_batches, data_error = next(batches), None
+            except DataError as e:
+                # Agreed with the other ranks inside train_step, before any forward.
+                micro_batches, data_error = [], " ".join(str(e).split())
+            res = train_step(
+                engine, micro_batches, cfg.train.max_grad_norm, state.step + 1, data_error
+            )
             step_time = time.perf_counter() - step_start
             state.step += 1
             state.tokens_seen += res.num_input_tokens
             window_tokens += res.num_input_tokens
-            result.losses.append(res.loss if not res.skipped else float("nan"))
+            result.losses.append(res.loss if not (res.skipped or res.empty) else float("nan"))
+            if res.empty:
+                check_empty_step(cfg, ctx, state, data_metrics)
             if res.skipped:
                 state.num_skipped_steps += 1
                 state.consecutive_nonfinite += 1
@@ -216,11 +357,13 @@ def train(
                     state.num_skipped_steps,
                 )
                 if state.consecutive_nonfinite >= cfg.train.max_consecutive_nonfinite:
-                    raise NonFiniteLossError(
+                    err = NonFiniteLossError(  # collective: decided from global sums
                         f"{state.consecutive_nonfinite} consecutive steps had a non-finite loss or "
                         f"gradient norm (last at step {state.step}); stopping. Lower optim.lr, "
                         "check the data, or raise train.max_consecutive_nonfinite"
                     )
+                    mark_collective(err)
+                    raise err
             else:
                 state.consecutive_nonfinite = 0
 
@@ -235,6 +378,7 @@ def train(
                     "train/step_time_s": step_time,
                     "train/memory_mb": peak_memory_mb(ctx.device),
                     "train/skipped_steps": float(state.num_skipped_steps),
+                    "train/empty_steps": float(state.num_empty_steps),
                 }
                 if data_metrics is not None:
                     scalars |= {f"data/{k}": v for k, v in data_totals(ctx, data_metrics()).items()}

@@ -38,20 +38,63 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsWriter:
-    """TensorBoard scalars + one JSON line per record in `metrics.jsonl` (rank 0 only)."""
+    """TensorBoard scalars + one JSON line per record in `metrics.jsonl` (rank 0 only).
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+    A resumed run redoes the steps after its checkpoint (`start_step`): the records of those
+    steps from the interrupted attempt are removed from metrics.jsonl and purged from
+    TensorBoard, so every logged step has exactly one point. A run starting at step 0 in a
+    directory that has metrics moves the old file aside instead of appending to it."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, start_step: int = 0):
         self.enabled = enabled
         self.tb = None
         self.jsonl = None
+        self.previous_evals: list[dict[str, float]] = []  # kept eval records, oldest first
+        self.previous_train: dict[str, float] | None = None  # the last kept train record
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        path = run_dir / "metrics.jsonl"
+        if path.exists():
+            self._trim(path, start_step)
+        self.jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            # purge_step: events at or after it, written before this point, are hidden.
+            self.tb = SummaryWriter(
+                log_dir=str(run_dir / "tensorboard"),
+                purge_step=start_step + 1 if start_step else 0,
+            )
+
+    def _trim(self, path: Path, start_step: int) -> None:
+        if start_step == 0:
+            aside = path.with_name(f"metrics-superseded-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            path.rename(aside)
+            log.warning("starting at step 0: the earlier metrics.jsonl was moved to %s", aside)
+            return
+        kept, dropped = [], 0
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+                step = int(row["step"])
+            except (ValueError, KeyError, TypeError):
+                dropped += 1  # a line cut short by the crash
+                continue
+            if step > start_step:
+                dropped += 1
+                continue
+            kept.append(line)
+            if any(k.startswith("eval/") for k in row):
+                self.previous_evals.append(
+                    {"step": step, **{k: v for k, v in row.items() if k.startswith("eval/")}}
+                )
+            if "train/loss" in row:
+                self.previous_train = row
+        if dropped:
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(f"{x}\n" for x in kept), encoding="utf-8")
+            tmp.replace(path)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:

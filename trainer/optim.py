@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
-from trainer.config import OptimConfig, ScheduleConfig
+from trainer.config import OptimConfig, RunConfig, ScheduleConfig
 from trainer.model import full_shape
 
 
@@ -68,3 +70,50 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_multiplier(cfg, total_steps, warmup_steps)
     )
+
+
+def apply_optim_settings(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    cfg: OptimConfig,
+) -> None:
+    """Put this config's hyperparameters into an optimizer restored from a checkpoint (which
+    brings its own): peak lr, weight decay, betas, eps. The moments are untouched; the current
+    lr is recomputed from the (this run's) schedule at its restored position. With unchanged
+    settings every value is recomputed by the same expressions, so nothing changes."""
+    decays = [cfg.weight_decay, 0.0]  # the group order of build_optimizer
+    for i, group in enumerate(optimizer.param_groups):
+        if i < len(decays):
+            group["weight_decay"] = decays[i]
+        group["betas"] = tuple(cfg.betas)
+        group["eps"] = cfg.eps
+        group["initial_lr"] = cfg.lr
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    lrs = [
+        base * fn(scheduler.last_epoch)
+        for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+    ]
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports
+
+
+def describe_changes(saved_config: Path, cfg: RunConfig) -> list[str]:
+    """`key: old -> new` for optimizer/schedule settings (and the run length) that differ
+    between a checkpoint's config.yaml and this run's config."""
+    try:
+        old = yaml.safe_load(saved_config.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    new = cfg.model_dump(mode="json")
+    changes = []
+    for section, keys in (
+        ("optim", None),
+        ("schedule", None),
+        ("train", ("max_steps", "num_epochs", "max_grad_norm")),
+    ):
+        before, after = old.get(section, {}) or {}, new.get(section, {})
+        for key in keys or sorted(set(before) | set(after)):
+            if key in before and before.get(key) != after.get(key):
+                changes.append(f"{section}.{key}: {before.get(key)} -> {after.get(key)}")
+    return changes
