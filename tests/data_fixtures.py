@@ -44,7 +44,8 @@ def config(path: str | Path, **overrides: Any) -> DataConfig:
     return DataConfig(**{**base, **overrides})
 
 
-def stream(
+def _reader(
+    build: Any,
     cfg: DataConfig,
     *,
     rank: int = 0,
@@ -53,8 +54,8 @@ def stream(
     grad_accum_steps: int = 2,
     seed: int = 7,
     state: dict[str, Any] | None = None,
-) -> StreamingStepBatches:
-    s = build_streaming(
+) -> Any:
+    s = build(
         cfg,
         cfg.train_path,
         char_tokenizer(),
@@ -69,30 +70,14 @@ def stream(
     return s
 
 
-def map_style(
-    cfg: DataConfig,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    micro_batch_size: int = 4,
-    grad_accum_steps: int = 2,
-    seed: int = 7,
-    state: dict[str, Any] | None = None,
-) -> MapStyleStepBatches:
+def stream(cfg: DataConfig, **kwargs: Any) -> StreamingStepBatches:
+    """The shard stream of `cfg.train_path` (keyword arguments as in `_reader`)."""
+    return _reader(build_streaming, cfg, **kwargs)
+
+
+def map_style(cfg: DataConfig, **kwargs: Any) -> MapStyleStepBatches:
     """The map-style reader of `cfg.train_path` (a JSONL file), as `stream` builds the other."""
-    s = build_map_style(
-        cfg,
-        cfg.train_path,
-        char_tokenizer(),
-        rank=rank,
-        world_size=world_size,
-        micro_batch_size=micro_batch_size,
-        grad_accum_steps=grad_accum_steps,
-        seed=seed,
-    )
-    if state is not None:
-        s.load_state_dict(state)
-    return s
+    return _reader(build_map_style, cfg, **kwargs)
 
 
 def step_rows(step: list[dict[str, Any]]) -> list[int]:
