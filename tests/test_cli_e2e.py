@@ -80,9 +80,8 @@ def test_torchrun_bad_config_fails_fast_with_one_message(tiny_assets, tmp_path):
         "train.global_batch_size=12 is not divisible by train.micro_batch_size=4 x world size 2 = 8"
     )
     lines = [x for x in proc.stdout.splitlines() if "accelerator" not in x and x.strip()]
-    assert lines[0] == f"error: invalid configuration: {msg}; pick a global batch that is a "(
-        "multiple of 8"
-    ), lines[:3]
+    want = f"error: invalid configuration: {msg}; pick a global batch that is a multiple of 8"
+    assert lines[0] == want, lines[:3]
     assert sum(x.startswith("error:") for x in lines) == 1, proc.stdout[-3000:]  # not per rank
     for frame in ("launch/train.py", "trainer/", "pydantic"):
         assert frame not in proc.stdout
