@@ -149,3 +149,25 @@ def test_progress_bar_on_off_unquoted(tmp_path):
     assert load_config(path, ["logging.progress_bar=auto"]).logging.progress_bar == "auto"
     problems = problems_of(tmp_path, base_tree(), ["logging.progress_bar=sometimes"])
     assert len(problems) == 1 and problems[0].startswith("logging.progress_bar:")
+
+
+@pytest.mark.parametrize(
+    ("theirs", "ours"),
+    [
+        ("learning_rate", "optim.lr"),
+        ("save_total_limit", "checkpoint.keep_last"),
+        ("max_seq_length", "data.seq_len"),
+        ("per_device_train_batch_size", "train.micro_batch_size"),
+        ("gradient_accumulation_steps", "train.grad_accum_steps"),
+        ("num_train_epochs", "train.num_epochs"),
+        ("warmup_ratio", "schedule.warmup_ratio"),
+        ("lr_scheduler_type", "schedule.decay"),
+    ],
+)
+def test_hf_trainer_and_axolotl_names_are_answered_with_ours(tmp_path, theirs, ours):
+    """Wherever the familiar name is put (top level, or the section a user guesses), the
+    error names our key."""
+    top = problems_of(tmp_path, {**base_tree(), theirs: 1})
+    assert top == [f"{theirs}: unknown key (did you mean '{ours}'?)"]
+    nested = problems_of(tmp_path, base_tree(), [f"train.{theirs}=1"])
+    assert nested == [f"train.{theirs}: unknown key (did you mean '{ours}'?)"]

@@ -108,7 +108,7 @@ def test_changed_optimizer_settings_apply_on_resume_and_are_logged(tiny_assets, 
     assert "resume: train.max_steps: 6 -> 10" in err
     rows = (run_dir / "metrics.jsonl").read_text().splitlines()
     lrs = {r["step"]: r["train/lr"] for r in map(json.loads, rows) if "train/lr" in r}
-    assert lrs[4] == 3.0e-3 * mult(4)  # logged after the step: the lr of the next one
+    assert lrs[4] == 3.0e-3 * mult(3)  # the first step after the resume, with its lr
 
 
 def test_data_counters_carry_over_a_resume(tiny_assets, tmp_path):
@@ -182,3 +182,19 @@ def test_empty_steps_are_skipped_and_counted(tiny_assets):
     res = train_step(engine, [empty], 1.0)
     assert res.empty and res.num_target_tokens == 0 and not res.skipped
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_logged_lr_is_the_lr_the_step_used(tiny_assets, tmp_path):
+    """Step k's update uses the schedule's multiplier for update k-1 (0-based); the logged lr
+    is that one, not the next step's (step 1 of a 2-step warmup logs half the peak)."""
+    from trainer.config import load_config
+    from trainer.optim import lr_multiplier
+
+    run_dir = tmp_path / "run"
+    assert cli(tiny_assets, run_dir) == 0
+    cfg = load_config(tiny_config_args(tiny_assets, run_dir)[0])
+    mult = lr_multiplier(cfg.schedule, 6, 2)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["train/lr"] for r in rows if "train/lr" in r}
+    assert logged == {k: cfg.optim.lr * mult(k - 1) for k in range(1, 7)}
+    assert logged[1] == cfg.optim.lr / 2

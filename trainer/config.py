@@ -217,8 +217,40 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+# Names users bring from HF Trainer / TrainingArguments and axolotl, by leaf name: a key of
+# that name anywhere is answered with ours.
+ALIASES = {
+    "learning_rate": "optim.lr",
+    "save_total_limit": "checkpoint.keep_last",
+    "save_steps": "checkpoint.every_steps",
+    "resume_from_checkpoint": "checkpoint.resume",
+    "max_seq_length": "data.seq_len",
+    "sequence_len": "data.seq_len",
+    "max_length": "data.seq_len",
+    "sample_packing": "data.packing",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "num_train_epochs": "train.num_epochs",
+    "warmup_ratio": "schedule.warmup_ratio",
+    "warmup_steps": "schedule.warmup_steps",
+    "lr_scheduler_type": "schedule.decay",
+    "lr_scheduler": "schedule.decay",
+    "output_dir": "run_dir",
+    "logging_steps": "logging.every_steps",
+    "eval_steps": "eval.every_steps",
+    "base_model": "model.name_or_path",
+    "model_name_or_path": "model.name_or_path",
+    "bf16": "train.precision",
+    "max_grad_norm": "train.max_grad_norm",
+    "deepspeed": "train.deepspeed_config",
+}
+
+
 def _suggest(key: str) -> str:
     known = _known_keys(RunConfig)
+    alias = ALIASES.get(key.rsplit(".", 1)[-1])
+    if alias is not None and alias != key:
+        return f" (did you mean '{alias}'?)"
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     if not close:
         # Try the leaf name against leaves in the same section.

@@ -330,6 +330,7 @@ def train(
     try:
         while state.step < total:
             step_start = time.perf_counter()
+            lr = engine.current_lr()  # the lr this step applies (the schedule moves after it)
             try:
                 micro_batches, data_error = next(batches), None
             except DataError as e:
@@ -371,7 +372,7 @@ def train(
                 elapsed = time.perf_counter() - window_start
                 scalars = {
                     "train/loss": res.loss,
-                    "train/lr": engine.current_lr(),
+                    "train/lr": lr,
                     "train/grad_norm": res.grad_norm,
                     "train/tokens_per_s": window_tokens / max(elapsed, 1e-9),
                     "train/tokens_seen": float(state.tokens_seen),
