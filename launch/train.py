@@ -54,6 +54,7 @@ from trainer.model import (
     check_model_files,
     check_tokenizer_fits,
 )
+from trainer.packing_probe import PackingNotExact, check_packing_exact
 
 log = logging.getLogger("fttrain")
 
@@ -68,6 +69,7 @@ USER_ERRORS = (
     CheckpointError,
     CheckpointSaveError,
     DeepSpeedOpError,
+    PackingNotExact,
 )
 
 
@@ -202,6 +204,11 @@ def _train(
         check_tokenizer_fits(engine.unwrapped_model(), tokenizer, cfg.model)
     except ModelLoadError as e:
         raise mark_collective(e) from None  # the same model and tokenizer on every rank
+    if cfg.data.packing:
+        try:
+            check_packing_exact(engine.unwrapped_model(), ctx.device)
+        except PackingNotExact as e:
+            raise mark_collective(e) from None  # every rank probes the same model alike
     evaluator = Evaluator(cfg, ctx, eval_set.samples, tokenizer) if eval_set else None
     checkpointing = Checkpointing(
         cfg,
