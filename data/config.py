@@ -41,6 +41,18 @@ class DataConfig(Section):
     )
     role_key: str = Field("role", description="Message key of the role (format: chat).")
     content_key: str = Field("content", description="Message key of the content (format: chat).")
+    role_map: dict[str, str] = Field(
+        default_factory=lambda: {"human": "user", "gpt": "assistant"},
+        description="format: chat: roles renamed before rendering (ShareGPT's `human` and "
+        "`gpt` by default). Roles not listed pass unchanged; after renaming every role must be "
+        "system, user, assistant, tool or a value of this map.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="format: chat: the template conversations are rendered with, instead of the "
+        "tokenizer's: a Jinja file, or a built-in (`fallback`, `chatml`, `llama3`). Unset: the "
+        "tokenizer's own, else `fallback`. The one used is saved with the model.",
+    )
     loss_on_prompt: bool = Field(
         False, description="Also take the loss on prompt / non-assistant tokens."
     )

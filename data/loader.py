@@ -19,6 +19,7 @@ counter names.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -28,6 +29,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from data.chat import ChatTemplateError, use_chat_template
 from data.config import DataConfig
 from data.packing import collate
 from data.plan import Plan
@@ -57,6 +59,18 @@ class StepBatches(Protocol):
 def pad_token_id(tokenizer: Any) -> int:
     """The id padding uses: the pad token, else EOS (many causal LM tokenizers have no pad)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def use_training_template(cfg: DataConfig, tokenizer: Any) -> None:
+    """For `data.format: chat`, install the chat template the data is rendered with (see
+    data.chat.use_chat_template) on `tokenizer`, so that the model saved with it reproduces the
+    training format at inference. A `data.chat_template` that cannot be used is a DataError."""
+    if cfg.format != "chat":
+        return
+    try:
+        use_chat_template(tokenizer, cfg.chat_template)
+    except ChatTemplateError as e:
+        raise DataError(f"data.chat_template: {e}") from None
 
 
 def jsonl_records(path: str, key: str) -> Iterator[tuple[str, bytes]]:
@@ -135,8 +149,10 @@ class InstructionDataset(Dataset):
                     continue
                 self.counts["truncated"] += 1
                 self._truncated.add(slot)
-                sample = TokenizedSample(
-                    sample.input_ids[: cfg.seq_len], sample.labels[: cfg.seq_len]
+                sample = dataclasses.replace(
+                    sample,
+                    input_ids=sample.input_ids[: cfg.seq_len],
+                    labels=sample.labels[: cfg.seq_len],
                 )
             self.counts["rows_kept"] += 1
             self._sample_of.append(len(self.samples))
@@ -396,6 +412,7 @@ def build_map_style(
 ) -> MapStyleStepBatches:
     """Read and tokenize the JSONL file at `path` (data.train_path) and return this rank's
     batches. Every rank reads the whole file; rank 0 logs what it skips."""
+    use_training_template(cfg, tokenizer)
     dataset = InstructionDataset(path, tokenizer, cfg, key="data.train_path", log_skips=rank == 0)
     return MapStyleStepBatches(
         dataset,

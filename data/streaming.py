@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.config import DataConfig
-from data.loader import DataError, pad_token_id
+from data.loader import DataError, pad_token_id, use_training_template
 from data.packing import Batch, Item, collate
 from data.plan import Plan
 from data.rows import BadRows, decode_row
@@ -369,6 +369,7 @@ def build_streaming(
     seed: int,
 ) -> StreamingStepBatches:
     """Open the shard set at `url` (manifest read once) and return this rank's stream."""
+    use_training_template(cfg, tokenizer)
     try:
         shards = ShardSet(url, cfg.storage_options)
     except ShardUnreadable as e:

@@ -2,6 +2,12 @@
 
 Labels follow the Hugging Face convention: aligned with `input_ids` (the loss function shifts
 them), and -100 wherever no loss is taken.
+
+A row is rendered to one text and tokenized once, whole: the ids are those inference sees for
+the same text. Which tokens carry the loss follows from character offsets (the response, each
+assistant turn), never from tokenizing pieces apart: SentencePiece/Metaspace tokenizers (Llama-2,
+Mistral, Gemma) would put a `▁` at every piece boundary, ids the model never sees at inference.
+BOS comes first when the tokenizer adds one itself (`add_bos_token`), whatever its `bos_token`.
 """
 
 from __future__ import annotations
@@ -9,7 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import TemplateError
+from data.chat import (
+    ChatTemplateError,
+    assistant_spans,
+    chat_template_for,
+    render,
+    special_prefix,
+    turn_layout,
+)
 
 IGNORE_INDEX = -100
 
@@ -47,10 +60,16 @@ def render_instruction_prompt(instruction: str, context: str | None, template: s
 
 @dataclass
 class TokenizedSample:
-    """One sample's tokens. `labels[i]` is the target for position i (unshifted)."""
+    """One sample's tokens. `labels[i]` is the target for position i (unshifted).
+
+    `end_of_turn`: the ids that end the sample's (last) answer, as they stand at the end of its
+    last labelled span: EOS for instruction and text rows, the template's end-of-turn marker
+    (`<|im_end|>`, `<|eot_id|>`) for chat rows; () when there is none. Evaluation stops
+    generation at it and strips it from the reference."""
 
     input_ids: list[int]
     labels: list[int]
+    end_of_turn: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -73,17 +92,89 @@ def token_ids(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _tokenize(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """The ids of `text` (no special tokens added) and each token's character range, when the
+    tokenizer gives ranges (fast tokenizers do)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        enc = backend.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+    return tokenizer(text, add_special_tokens=False)["input_ids"], None
+
+
+def _token_ranges(
+    tokenizer: Any,
+    text: str,
+    ids: list[int],
+    offsets: list[tuple[int, int]] | None,
+    chars: list[tuple[int, int]],
+) -> list[tuple[int, int]]:
+    """Token ranges [i, j) of `ids` (the tokens of `text`) covering the character ranges `chars`
+    (ascending, disjoint). A token that straddles a range's start belongs to the range: the
+    model has to emit it. Without offsets (slow tokenizers) a boundary is where the tokens of
+    the text before it stop agreeing with the tokens of the whole text."""
+    ranges = []
+    if offsets is not None:
+        k, n = 0, len(ids)
+        for start, end in chars:
+            while k < n and offsets[k][1] <= start and offsets[k][0] < start:
+                k += 1
+            first = k
+            while k < n and offsets[k][0] < end:
+                k += 1
+            ranges.append((first, k))
+        return ranges
+
+    def boundary(pos: int) -> int:
+        head = token_ids(tokenizer, text[:pos])
+        n = 0
+        while n < len(head) and n < len(ids) and head[n] == ids[n]:
+            n += 1
+        return n
+
+    return [(boundary(start), boundary(end)) for start, end in chars]
+
+
+def _sample(
+    prefix: list[int],
+    ids: list[int],
+    ranges: list[tuple[int, int]],
+    end_of_turn: tuple[int, ...],
+    *,
+    loss_everywhere: bool,
+) -> TokenizedSample:
+    """`prefix` (the tokenizer's BOS, no loss) + `ids`, the loss on `ranges` of `ids`, or on all
+    of them with `loss_everywhere`. A prefix that `ids` already start with (a template that
+    renders BOS itself) is not repeated."""
+    if loss_everywhere:
+        labels = list(ids)
+    else:
+        labels = [IGNORE_INDEX] * len(ids)
+        for i, j in ranges:
+            labels[i:j] = ids[i:j]
+    n = len(prefix)
+    if n and ids[:n] == prefix:
+        labels[:n] = [IGNORE_INDEX] * n
+    elif n:
+        ids, labels = [*prefix, *ids], [IGNORE_INDEX] * n + labels
+    return TokenizedSample(input_ids=ids, labels=labels, end_of_turn=end_of_turn)
+
+
 def encode_prompt_response(
     tokenizer: Any, prompt: str, response: str, *, loss_on_prompt: bool = False
 ) -> TokenizedSample:
-    """Tokenize prompt + response + EOS; BOS first if the tokenizer has one."""
-    prompt_ids = token_ids(tokenizer, prompt)
-    response_ids = token_ids(tokenizer, response)
-    if tokenizer.bos_token_id is not None:
-        prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
-    response_ids = [*response_ids, tokenizer.eos_token_id]
-    prompt_labels = list(prompt_ids) if loss_on_prompt else [IGNORE_INDEX] * len(prompt_ids)
-    return TokenizedSample(input_ids=prompt_ids + response_ids, labels=prompt_labels + response_ids)
+    """Tokenize prompt + response as one text, then EOS; BOS first if the tokenizer adds one.
+    The loss is on the tokens of the response (one that straddles the seam included) and EOS."""
+    text = prompt + response
+    ids, offsets = _tokenize(tokenizer, text)
+    ranges = _token_ranges(tokenizer, text, ids, offsets, [(len(prompt), len(text))])
+    eos = tokenizer.eos_token_id
+    ids.append(eos)
+    ranges = [(i, j + 1) for i, j in ranges]
+    sample = _sample(special_prefix(tokenizer), ids, ranges, (eos,), loss_everywhere=False)
+    if loss_on_prompt:  # BOS included: position 0 is never a target after the shift anyway
+        sample.labels = list(sample.input_ids)
+    return sample
 
 
 def encode_instruction(
@@ -104,15 +195,8 @@ def encode_instruction(
 # Plain text and chat formats, and one entry point that validates a row of any format.
 
 FORMATS = ("instruction", "text", "chat")
-
-# Used when the tokenizer has no chat template of its own: ChatML-like, with the EOS token ending
-# every turn so a model trained on it learns where an assistant turn stops.
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
+# Roles a template is given; `data.role_map` renames others (ShareGPT's human/gpt) to these.
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class RowError(ValueError):
@@ -128,69 +212,50 @@ class RowError(ValueError):
 
 
 def encode_text(tokenizer: Any, text: str) -> TokenizedSample:
-    """Plain text: BOS (if any) + text + EOS, loss on every token but BOS."""
-    ids = token_ids(tokenizer, text) + [tokenizer.eos_token_id]
-    labels = list(ids)
-    if tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id, *ids]
-        labels = [IGNORE_INDEX, *labels]
-    return TokenizedSample(input_ids=ids, labels=labels)
+    """Plain text: BOS (if the tokenizer adds one) + text + EOS, loss on every token but BOS."""
+    eos = tokenizer.eos_token_id
+    ids = token_ids(tokenizer, text) + [eos]
+    return _sample(special_prefix(tokenizer), ids, [], (eos,), loss_everywhere=True)
+
+
+CHAT_TEMPLATE_HINT = (
+    "the chat template rejects these conversations, or their assistant turns cannot be found "
+    "in its output; data.chat_template overrides it (a Jinja file, or fallback / chatml / llama3)"
+)
 
 
 def encode_chat(
-    tokenizer: Any, messages: list[dict[str, str]], *, loss_on_prompt: bool = False
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    *,
+    template: str | None = None,
+    loss_on_prompt: bool = False,
 ) -> TokenizedSample:
-    """Render `messages` ({role, content} dicts) with the tokenizer's chat template (or
-    FALLBACK_CHAT_TEMPLATE) and put the loss on assistant turns only, unless `loss_on_prompt`.
+    """Render `messages` ({role, content} dicts) with `template` (default: the tokenizer's
+    own, else data.chat.FALLBACK_CHAT_TEMPLATE) and put the loss on assistant turns only, unless
+    `loss_on_prompt`.
 
-    The template is rendered once per prefix of the conversation; the text an assistant message
-    adds after the generation prompt (its content and end-of-turn) is what carries the loss. This
-    needs a template whose renderings of a prefix are prefixes of the full rendering, which holds
-    for the usual templates; one that does not is reported as a `bad_chat` row.
+    The conversation is rendered once and tokenized once; each assistant turn's tokens, from
+    the end of its header through its end-of-turn marker (data.chat.assistant_spans), carry the
+    loss. A conversation the template rejects, or whose assistant turns cannot be found in the
+    rendering, is a `bad_chat` row.
     """
-    template = getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
-
-    def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
-        try:
-            return tokenizer.apply_chat_template(
-                msgs,
-                chat_template=template,
-                tokenize=False,
-                add_generation_prompt=generation_prompt,
-            )
-        except TemplateError as e:  # templates reject rows themselves (roles must alternate...)
-            raise RowError("bad_chat", f"chat template: {e}") from None
-
-    pieces: list[tuple[str, bool]] = []  # (text, carries loss)
-    done = ""
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            # An empty conversation has no generation prompt to render: a leading assistant
-            # turn is answer from its first character.
-            head = render(messages[:i], True) if i else done
-            full = render(messages[: i + 1], False)
-            if not head.startswith(done) or not full.startswith(head):
-                raise RowError("bad_chat", "chat template output is not prefix-stable")
-            pieces += [(head[len(done) :], loss_on_prompt), (full[len(head) :], True)]
-        else:
-            full = render(messages[: i + 1], False)
-            if not full.startswith(done):
-                raise RowError("bad_chat", "chat template output is not prefix-stable")
-            pieces.append((full[len(done) :], loss_on_prompt))
-        done = full
-    ids: list[int] = []
-    labels: list[int] = []
-    for text, with_loss in pieces:
-        if not text:
-            continue
-        piece = token_ids(tokenizer, text)
-        ids += piece
-        labels += piece if with_loss else [IGNORE_INDEX] * len(piece)
-    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
-        # Templates that emit BOS themselves already start with it; others get it prepended.
-        ids = [tokenizer.bos_token_id, *ids]
-        labels = [IGNORE_INDEX, *labels]
-    return TokenizedSample(input_ids=ids, labels=labels)
+    template = template or chat_template_for(tokenizer)
+    try:
+        text = render(tokenizer, template, messages, generation_prompt=False)
+        spans = assistant_spans(text, messages, turn_layout(tokenizer, template))
+    except ChatTemplateError as e:
+        raise RowError("bad_chat", str(e), CHAT_TEMPLATE_HINT) from None
+    ids, offsets = _tokenize(tokenizer, text)
+    ranges = _token_ranges(tokenizer, text, ids, offsets, [(s.start, s.end) for s in spans])
+    end_of_turn: tuple[int, ...] = ()
+    last = spans[-1] if spans else None
+    if last is not None and last.marker < last.end:
+        ((i, j),) = _token_ranges(tokenizer, text, ids, offsets, [(last.marker, last.end)])
+        end_of_turn = tuple(ids[i:j])
+    return _sample(
+        special_prefix(tokenizer), ids, ranges, end_of_turn, loss_everywhere=loss_on_prompt
+    )
 
 
 def _text_field(row: dict[str, Any], key: str, *, required: bool = True) -> str | None:
@@ -223,6 +288,14 @@ def _messages(row: dict[str, Any], cfg: Any) -> list[dict[str, str]]:
             raise RowError(
                 "wrong_type", f"{key}[{j}] needs string '{cfg.role_key}' and '{cfg.content_key}'"
             )
+        role = cfg.role_map.get(role, role)
+        if role not in ROLES and role not in cfg.role_map.values():
+            raise RowError(
+                "bad_chat",
+                f"{key}[{j}] has role {role!r}",
+                f"roles must be {' / '.join(ROLES)} after data.role_map={cfg.role_map} renames "
+                "them; add the data's roles to it",
+            )
         messages.append({"role": role, "content": content})
     answers = [m for m in messages if m["role"] == "assistant"]
     if not answers or not all(m["content"].strip() for m in answers):
@@ -243,7 +316,14 @@ def field_hint(row: dict[str, Any], cfg: Any) -> str:
     looks_instruction = cfg.instruction_field in row and cfg.response_field in row
     if cfg.format == "chat":
         if cfg.messages_field not in row:
-            other = " (instruction rows? data.format=instruction)" if looks_instruction else ""
+            other = ""
+            if looks_instruction:
+                other = " (instruction rows? data.format=instruction)"
+            elif isinstance(row.get("conversations"), list):
+                other = (
+                    " (ShareGPT rows? data.messages_field=conversations data.role_key=from "
+                    "data.content_key=value)"
+                )
             return (
                 f"data.format=chat needs data.messages_field={cfg.messages_field!r} (a list of "
                 f"messages), but rows have keys {_keys(row)}{other}"
@@ -297,7 +377,12 @@ def _encode(row: dict[str, Any], tokenizer: Any, cfg: Any) -> TokenizedSample:
     if cfg.format == "text":
         return encode_text(tokenizer, _text_field(row, cfg.text_field))
     if cfg.format == "chat":
-        return encode_chat(tokenizer, _messages(row, cfg), loss_on_prompt=cfg.loss_on_prompt)
+        return encode_chat(
+            tokenizer,
+            _messages(row, cfg),
+            template=chat_template_for(tokenizer, cfg.chat_template),
+            loss_on_prompt=cfg.loss_on_prompt,
+        )
     if cfg.format == "instruction":
         instruction = _text_field(row, cfg.instruction_field)
         response = _text_field(row, cfg.response_field)

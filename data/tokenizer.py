@@ -23,8 +23,10 @@ SPECIAL_TOKENS = {
 # Template markers (see data.templates) that get a token of their own.
 TEMPLATE_MARKERS = ("### Instruction:\n", "\n\n### Input:\n", "\n\n### Response:\n")
 
-# A minimal ChatML-style template so the `chat` data format works with this tokenizer too.
+# A minimal ChatML-style template so the `chat` data format works with this tokenizer too. It
+# renders BOS, as the tokenizer adds one: `apply_chat_template` gives the ids training used.
 CHAT_TEMPLATE = (
+    "{{ bos_token }}"
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
     "{% endfor %}"
@@ -41,6 +43,8 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, **SPECIAL_TOKENS)
+    # Every encoding starts with BOS, as with Llama's tokenizer (data.templates follows it).
+    tok.add_bos_token = True
     tok.chat_template = CHAT_TEMPLATE
     # A real BPE vocabulary spells the template's markers in a few tokens; one token each keeps
     # a char-level demo from spending most of its compute on boilerplate.

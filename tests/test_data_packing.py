@@ -119,11 +119,12 @@ def test_chat_loss_mask_is_the_assistant_turns():
     cfg = config("unused", format="chat")
     sample = encode_row(CHAT, tok, cfg)
     text = tok.decode(sample.input_ids)
-    assert text == "<s>" + tok.apply_chat_template(CHAT["messages"], tokenize=False)
-    # content + end of turn of each assistant message; no role header, no user/system text
-    assert labeled_text(sample) == "hello</s>\n4</s>\n"
+    assert text == tok.apply_chat_template(CHAT["messages"], tokenize=False)  # BOS included
+    # content + end-of-turn token of each assistant message; no role header, no user/system
+    # text, not the newline the template puts between turns
+    assert labeled_text(sample) == "hello</s>4</s>"
     positions = [i for i, t in enumerate(sample.labels) if t != IGNORE_INDEX]
-    assert tok.decode([sample.input_ids[i] for i in positions]) == "hello</s>\n4</s>\n"
+    assert tok.decode([sample.input_ids[i] for i in positions]) == "hello</s>4</s>"
     assert all(sample.labels[i] == sample.input_ids[i] for i in positions)
     everything = encode_row(CHAT, tok, config("unused", format="chat", loss_on_prompt=True))
     assert labeled_text(everything) == text[len("<s>") :]
@@ -138,7 +139,7 @@ def test_chat_without_tokenizer_template_uses_the_fallback():
     row = {"conv": [{"from": m["role"], "value": m["content"]} for m in CHAT["messages"]]}
     sample = encode_row(row, tok, cfg)
     assert "<|user|>\nhi</s>" in tok.decode(sample.input_ids)
-    assert labeled_text(sample) == "hello</s>\n4</s>\n"
+    assert labeled_text(sample) == "hello</s>4</s>"
 
 
 def test_text_format_loss_on_all_text_tokens():

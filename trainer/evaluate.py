@@ -62,11 +62,46 @@ def eval_loss(
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
 
 
-def split_prompt_response(sample: TokenizedSample, eos_id: int) -> tuple[list[int], list[int]]:
-    """Prompt = the leading tokens without loss; reference = the rest, EOS removed."""
-    n_prompt = next((i for i, x in enumerate(sample.labels) if x != IGNORE_INDEX), len(sample))
-    reference = [t for t in sample.input_ids[n_prompt:] if t != eos_id]
-    return sample.input_ids[:n_prompt], reference
+def split_prompt_reference(sample: TokenizedSample) -> tuple[list[int], list[int]]:
+    """Prompt = everything before the sample's last answer (the last run of tokens with loss: the
+    response of an instruction row, the last assistant turn of a conversation); reference = that
+    answer without its end-of-turn (`sample.end_of_turn`: EOS, `<|im_end|>`, `<|eot_id|>`)."""
+    labels = sample.labels
+    end = len(labels)
+    while end and labels[end - 1] == IGNORE_INDEX:
+        end -= 1
+    if not end:  # nothing to answer (an eval filler, see _my_share)
+        return sample.input_ids, []
+    start = end
+    while start and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    reference = sample.input_ids[start:end]
+    eot = list(sample.end_of_turn)
+    if eot and reference[-len(eot) :] == eot:
+        reference = reference[: -len(eot)]
+    return sample.input_ids[:start], reference
+
+
+def model_stop_ids(model: Any, eos_id: int | None) -> set[int]:
+    """The ids generation stops at: the tokenizer's EOS and every id of the model's
+    `generation_config.eos_token_id` (Llama-3 lists `<|end_of_text|>` and `<|eot_id|>`)."""
+    ids = {eos_id} if eos_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return ids
+
+
+def cut_at_stop(tokens: list[int], stop_ids: set[int], end_of_turn: tuple[int, ...]) -> list[int]:
+    """`tokens` up to the first stop id or the first occurrence of the `end_of_turn` sequence
+    (a template whose end-of-turn marker is several tokens: generation does not stop at it)."""
+    n = len(end_of_turn)
+    for i, t in enumerate(tokens):
+        if t in stop_ids or (n > 1 and tuple(tokens[i : i + n]) == end_of_turn):
+            return tokens[:i]
+    return tokens
 
 
 @torch.no_grad()
@@ -82,13 +117,18 @@ def eval_exact_match(
     batch_size: int = 64,
     precision: str = "auto",
 ) -> dict[str, float]:
-    """Share of the first `num_samples` eval samples whose greedy continuation (up to EOS)
-    equals the reference response token for token."""
+    """Share of the first `num_samples` eval samples whose greedy continuation of the prompt
+    equals the reference answer token for token (see `split_prompt_reference`): the answer of
+    an instruction row, the last assistant turn of a chat row. Generation stops at any of the
+    model's stop ids (`model_stop_ids`) and at each sample's end-of-turn token (a chat template's
+    `<|im_end|>` even where the model's config does not list it); what follows is not compared."""
     mine = _my_share(samples, ctx, num_samples)
+    base_stops = model_stop_ids(model, eos_id)
     counts = torch.zeros(2, dtype=torch.float64, device=ctx.device)
     for start in range(0, len(mine), batch_size):
         batch_items = mine[start : start + batch_size]
-        chunk = [split_prompt_response(s, eos_id) for _, s in batch_items]
+        chunk = [split_prompt_reference(s) for _, s in batch_items]
+        stops = base_stops | {s.end_of_turn[0] for _, s in batch_items if len(s.end_of_turn) == 1}
         width = max(len(p) for p, _ in chunk)
         # Left padding, so every prompt ends at the same column and generation continues it.
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
@@ -103,14 +143,15 @@ def eval_exact_match(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad_id,
-                eos_token_id=eos_id,
+                eos_token_id=sorted(stops),
             )
         generated = out[:, width:].tolist()  # host sync: once per generation batch
-        for (index, _), (_, reference), tokens in zip(batch_items, chunk, generated, strict=True):
+        for (index, sample), (_, reference), tokens in zip(
+            batch_items, chunk, generated, strict=True
+        ):
             if index < 0:
                 continue  # a filler (see _my_share)
-            if eos_id in tokens:
-                tokens = tokens[: tokens.index(eos_id)]
+            tokens = cut_at_stop(tokens, stops, sample.end_of_turn)
             counts[0] += float(tokens == reference)
             counts[1] += 1
     all_reduce_sum(ctx, counts)
