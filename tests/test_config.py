@@ -36,7 +36,7 @@ def test_valid_config_and_overrides(tmp_path):
     cfg = load_config(write(tmp_path, base_tree()), ["optim.lr=1e-4", "train.max_grad_norm=null"])
     assert cfg.optim.lr == 1e-4
     assert cfg.train.max_grad_norm is None
-    assert cfg.model.attn_implementation == "sdpa"
+    assert cfg.model.attn_implementation == "auto"
     assert cfg.model.trust_remote_code is False
 
 

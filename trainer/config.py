@@ -49,10 +49,15 @@ class ModelConfig(Section):
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32",
-        description="dtype the weights are loaded and kept in. Mixed precision is `train.precision`.",
+        description="dtype the checkpoint is loaded in (frozen weights stay in it). Trainable "
+        "weights are then kept in fp32 unless train.precision=bf16-pure; compute precision is "
+        "`train.precision`.",
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel passed to from_pretrained."
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto",
+        description="Attention kernel passed to from_pretrained. auto = sdpa where the model "
+        "supports it, else eager (e.g. Gemma2); both keep packed samples apart. The choice is "
+        "logged.",
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory."
@@ -89,14 +94,26 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(
         1.0, gt=0, description="Global-norm clipping threshold; null disables clipping."
     )
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto = bf16 autocast on GPU, fp32 on CPU."
+    precision: Literal["auto", "bf16", "bf16-pure", "fp16", "fp32"] = Field(
+        "auto",
+        description="Trainable weights and optimizer state stay in fp32 (master weights) and "
+        "the compute runs in: auto = bf16 on GPU, fp32 on CPU; bf16 = bf16 (also on CPU); fp16 "
+        "= fp16 with a dynamic loss scale (ddp only); fp32 = fp32. bf16-pure keeps weights, "
+        "gradients and optimizer state in bf16 too (needs model.dtype=bfloat16; ddp only; "
+        "small updates round away). See trainer/precision.py.",
     )
     max_consecutive_nonfinite: int = Field(
         5,
         ge=1,
         description="Stop the run after this many optimizer steps in a row were skipped for a "
         "non-finite loss or gradient norm.",
+    )
+    collective_timeout_s: float = Field(
+        1800,
+        gt=0,
+        description="Seconds a rank waits in a collective (process group and checkpoint groups) "
+        "for the others before the run fails instead of hanging. Raise it if one rank can be "
+        "busy alone for longer (e.g. a resume on a slow filesystem).",
     )
 
 
@@ -173,7 +190,7 @@ class CheckpointConfig(Section):
         "state is copied (DDP backend; DeepSpeed saves synchronously).",
     )
     verify_checksums: bool = Field(
-        True, description="On resume, check every file's sha256 (else sizes only)."
+        True, description="On resume, check every file's checksum (else sizes only)."
     )
     stop_signals: list[str] = Field(
         ["SIGTERM", "SIGUSR1"],
@@ -186,6 +203,12 @@ class CheckpointConfig(Section):
 
 class OutputConfig(Section):
     save_hf_model: bool = Field(True, description="Save an HF-format model at the end.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="dtype of the saved HF model (RUN_DIR/model and launch.export). auto: the "
+        "base model's, as its config.json records it (`dtype` or `torch_dtype`; float32 if "
+        "absent), whatever `model.dtype` training held the weights in.",
+    )
 
 
 class RunConfig(Section):
@@ -348,6 +371,9 @@ def check_consistency(cfg: RunConfig) -> list[str]:
         problems.append("train.grad_accum_steps / train.global_batch_size: set at least one")
     if t.backend == "deepspeed" and not t.deepspeed_config:
         problems.append("train.deepspeed_config: required when train.backend is deepspeed")
+    from trainer.precision import precision_problems  # here: it imports torch
+
+    problems += precision_problems(t.precision, cfg.model.dtype, t.backend)
     if t.backend == "ddp" and t.deepspeed_config:
         problems.append("train.deepspeed_config: only used with train.backend=deepspeed")
     if s.warmup_steps is not None and s.warmup_ratio is not None:

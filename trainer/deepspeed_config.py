@@ -1,9 +1,10 @@
 """DeepSpeed JSON <-> run config: fill `"auto"` values, and refuse any disagreement.
 
-The run config is the one source of truth for batch sizes, clipping, precision, the optimizer and
-the LR schedule. A DeepSpeed JSON may leave those keys at `"auto"` (filled here) or repeat them;
-a repeated value that differs is an error, and every such error is reported at once in one
-`ConfigError` whose lines name both the DeepSpeed key (and file) and the run-config key.
+The run config is the one source of truth for batch sizes, clipping, precision (through the run's
+`PrecisionPolicy`, trainer/precision.py), the optimizer and the LR schedule. A DeepSpeed JSON may
+leave those keys at `"auto"` (filled here) or repeat them; a repeated value that differs is an
+error, and every such error is reported at once in one `ConfigError` whose lines name both the
+DeepSpeed key (and file) and the run-config key.
 
 `validate_deepspeed_config` needs only the config, the world size and the device type, so
 `launch/train.py` can call it before any process group starts.
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from trainer.config import ConfigError, Derived, RunConfig
+from trainer.precision import resolve_run_precision
 
 AUTO = "auto"
 # Sections that would replace our client AdamW / LambdaLR; DeepSpeed would silently use them.
@@ -43,9 +45,8 @@ def load_deepspeed_json(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def uses_bf16(precision: str, device_type: str) -> bool:
-    """Same rule as `trainer.engine.autocast_context`: bf16 on GPU under auto, fp32 on CPU."""
-    return precision == "bf16" or (precision == "auto" and device_type == "cuda")
+# DeepSpeed's spellings of fp32 (its DtypeEnum).
+_FP32_NAMES = ("fp32", "float32", "float", "torch.float32")
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
@@ -86,8 +87,8 @@ def resolve_deepspeed_config(
     # DeepSpeed's "no clipping" is 0.0; ours is null.
     reconcile("gradient_clipping", cfg.train.max_grad_norm or 0.0, "train.max_grad_norm")
 
-    bf16 = uses_bf16(cfg.train.precision, device_type)
-    for name, ours in (("bf16", bf16), ("fp16", False)):
+    policy = resolve_run_precision(cfg, device_type)  # fp16 and bf16-pure are refused there
+    for name, ours in (("bf16", policy.deepspeed_bf16), ("fp16", False)):
         section = ds.get(name)
         if section is None:
             ds[name] = {"enabled": ours}
@@ -100,9 +101,27 @@ def resolve_deepspeed_config(
             ours,
             f"train.precision={cfg.train.precision!r} on {device_type}"
             if name == "bf16"
-            else "train.precision (fp16 is not supported; use bf16)",
+            else "train.precision (fp16 is not supported with train.backend=deepspeed)",
             section,
         )
+
+    # DeepSpeed sums gradients over micro-steps in the model's dtype (bf16 under bf16) unless
+    # told otherwise; the policy sums them in fp32, as DDP does. Under ZeRO-1 without offload
+    # this selects DeepSpeed's BF16_Optimizer (fp32 gradient buffers), which the engine handles.
+    data_types = ds.setdefault("data_types", {})
+    if not isinstance(data_types, dict):
+        problems.append(f"deepspeed data_types {where}: must be an object")
+    else:
+        assert policy.grad_accum_dtype == torch.float32  # bf16-pure is refused for DeepSpeed
+        given = data_types.get("grad_accum_dtype", AUTO)
+        if given in (AUTO, None):
+            data_types["grad_accum_dtype"] = "fp32"
+        elif str(given).lower() not in _FP32_NAMES:
+            problems.append(
+                f"deepspeed data_types.grad_accum_dtype={given!r} {where} != fp32: gradients are "
+                f"accumulated in fp32 under train.precision={cfg.train.precision!r} (as with "
+                'DDP); remove the key or set it to "fp32"'
+            )
 
     for section, our_keys in _CLIENT_OWNED.items():
         if section in ds:

@@ -13,6 +13,11 @@ How the protocol maps onto DeepSpeed:
   norm BEFORE stepping, to decide whether to skip. `clip_grad_norm` therefore asks the ZeRO
   optimizer for the same all-reduced norm of its gradient partitions that `step()` computes
   (one extra norm pass + a scalar all-reduce per optimizer step).
+- Precision (trainer/precision.py): the trainable weights reach DeepSpeed in fp32; under bf16
+  DeepSpeed runs a bf16 working copy of them while its optimizer keeps the fp32 masters, and
+  gradients are accumulated in fp32 (`data_types.grad_accum_dtype`). ZeRO-1 then runs on
+  DeepSpeed's `BF16_Optimizer` (it keeps whole fp32 gradients on every rank and partitions the
+  optimizer state), whose norm is read differently from the ZeRO optimizers'.
 - Skip: the ZeRO optimizer's `step()` is still run so that it clears its gradient buffers and
   partition bookkeeping the way it does after any step, but with the wrapped torch optimizer's
   update disabled: the fp32 partitions and the Adam moments do not change, so the parameters it
@@ -42,6 +47,7 @@ from trainer.dist import DistContext, barrier
 from trainer.engine import token_loss_sum
 from trainer.model import build_model
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.precision import PrecisionPolicy, cast_trainable_params, resolve_run_precision
 
 TAG = "ds"  # the sub-directory DeepSpeed writes its shards into
 UNIVERSAL_TAG = f"{TAG}_universal"
@@ -65,6 +71,25 @@ def _updates_disabled(optimizer: torch.optim.Optimizer) -> Iterator[None]:
             optimizer.step = own  # type: ignore[method-assign]
         else:
             del optimizer.step
+
+
+def _mark_bf16_optimizer_checkpoints(optimizer: Any) -> None:
+    """DeepSpeed's BF16_Optimizer (ZeRO-1 + bf16 + fp32 accumulation) leaves the ZeRO stage out
+    of its checkpoint shards, and zero_to_fp32 (`launch.export`) then refuses them as "not a zero
+    checkpoint", although they are laid out as ZeRO-1's (flat fp32 partitions, and DeepSpeed's
+    universal conversion already reads a shard without a stage as stage 1). Its state dict gets
+    the stage written in; loading ignores the extra key."""
+    from deepspeed.checkpoint.constants import ZERO_STAGE
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    if not isinstance(optimizer, BF16_Optimizer):
+        return
+    state_dict = optimizer.state_dict
+
+    def with_stage() -> dict[str, Any]:
+        return {**state_dict(), ZERO_STAGE: 1}
+
+    optimizer.state_dict = with_stage  # type: ignore[method-assign]
 
 
 def _ensure_process_group(ctx: DistContext) -> None:
@@ -98,6 +123,7 @@ class DeepSpeedEngine:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         ctx: DistContext,
         ds_config: dict[str, Any],
+        policy: PrecisionPolicy | None = None,
     ):
         import deepspeed
 
@@ -105,6 +131,7 @@ class DeepSpeedEngine:
         self.ctx = ctx
         self.scheduler = scheduler
         self.ds_config = ds_config
+        self.policy = policy
         self.stage = zero_stage(ds_config)
         if self.stage not in (1, 2, 3):
             raise ValueError(
@@ -125,6 +152,7 @@ class DeepSpeedEngine:
         # The torch AdamW that ZeRO drives on its fp32 partitions (its param groups are the ones
         # our LambdaLR edits, so the schedule reaches the partitions).
         self.client_optimizer = optimizer
+        _mark_bf16_optimizer_checkpoints(self.ds.optimizer)
 
     # -- the training step --------------------------------------------------------------------
 
@@ -159,17 +187,24 @@ class DeepSpeedEngine:
                 f"clip_grad_norm(max_norm={max_norm}) but deepspeed gradient_clipping="
                 f"{self.max_grad_norm}: the DeepSpeed config must be built from this run config"
             )
-        from deepspeed.runtime.utils import combine_grad_norm_groups
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+        from deepspeed.runtime.utils import combine_grad_norm_groups, get_global_norm_of_tensors
 
         opt = self.ds.optimizer
         # The all-reduced L2 norm of the (loss-scaled) gradient partitions: what ZeRO's step()
         # computes and clips with. Its helpers report NaN/inf as -1, which combine turns into inf.
         if self.stage == 3:
             norm = combine_grad_norm_groups(opt._get_norm_groups())
+        elif isinstance(opt, BF16_Optimizer):
+            # ZeRO-1 + bf16 + fp32 accumulation: the fp32 gradients are already all-reduced and
+            # whole on every rank, so their norm is the global one (what its step() computes).
+            grads, _ = opt.get_grads_for_norm()
+            norm = get_global_norm_of_tensors(grads, mpu=opt.mpu, norm_type=opt.norm_type)
+            norm = torch.where(norm < 0, torch.full_like(norm, float("inf")), norm)  # -1: NaN/inf
         else:
             norm = opt.scaled_global_norm()
         # Clipping itself happens inside optimizer_step (DeepSpeed's gradient_clipping).
-        return (norm / opt.loss_scale).detach().float()
+        return (norm / getattr(opt, "loss_scale", 1.0)).detach().float()
 
     def optimizer_step(self, skip: bool) -> None:
         guard = _updates_disabled(self.client_optimizer) if skip else contextlib.nullcontext()
@@ -255,7 +290,17 @@ class DeepSpeedEngine:
             state = self.ds.module.state_dict() if self.ctx.is_main else None
         if not self.ctx.is_main:
             return None
-        return {k: v.detach().cpu().clone() for k, v in state.items()}
+        copies: dict[tuple, torch.Tensor] = {}
+        out = {}
+        for name, tensor in state.items():
+            # Tied weights (lm_head = embed_tokens) are one tensor under two names: copy it once,
+            # so that save_pretrained still sees the tie and writes the weight once, not twice.
+            storage = tensor.untyped_storage().data_ptr()
+            key = (storage, tensor.storage_offset(), tensor.shape, tensor.stride())
+            if key not in copies:
+                copies[key] = tensor.detach().cpu().clone()
+            out[name] = copies[key]
+        return out
 
 
 def _saved_world_size(tag_dir: Path) -> int:
@@ -288,16 +333,24 @@ def build_deepspeed_engine(cfg: RunConfig, derived: Derived, ctx: DistContext) -
     """Model -> optimizer -> schedule -> DeepSpeed, with the DeepSpeed config resolved first
     (under ZeRO-3 the model is built already partitioned)."""
     assert derived.total_steps is not None and derived.warmup_steps is not None
+    policy = resolve_run_precision(cfg, ctx.device.type)
     ds_config = validate_deepspeed_config(cfg, derived, ctx.device.type)
     assert ds_config is not None
+    if ctx.is_main:
+        policy.log()
     _ensure_process_group(ctx)  # zero.Init inside build_model partitions over the group
     model = build_model(cfg.model, ctx.device, deepspeed_config=ds_config)
+    if zero_stage(ds_config) != 3:
+        # fp32 masters: DeepSpeed builds its fp32 partitions from the module it is given (under
+        # bf16 after casting it to its bf16 working copy). ZeRO-3's zero.Init already built the
+        # partitions in the configured dtype.
+        cast_trainable_params(model, policy.param_dtype)
     # Under ZeRO-3 parameters are partitioned placeholders; split_decay_groups reads ds_shape.
     optimizer = build_optimizer(model, cfg.optim)
     # DeepSpeed cannot flatten an empty group (e.g. LoRA with no trainable 1-D params).
     optimizer.param_groups = [g for g in optimizer.param_groups if g["params"]]
     scheduler = build_scheduler(optimizer, cfg.schedule, derived.total_steps, derived.warmup_steps)
-    return DeepSpeedEngine(model, optimizer, scheduler, ctx, ds_config)
+    return DeepSpeedEngine(model, optimizer, scheduler, ctx, ds_config, policy)
 
 
 def load_zero_weights_for_export(engine_dir: Path, model: nn.Module) -> None:

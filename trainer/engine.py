@@ -29,6 +29,14 @@ from data.templates import IGNORE_INDEX
 from trainer import dcp_io
 from trainer.dist import DistContext
 from trainer.model import full_shape
+from trainer.precision import (
+    PrecisionPolicy,
+    autocast_dtype,
+    cast_trainable_params,
+    resolve_precision,
+)
+
+GRAD_SCALER_FILE = "grad_scaler.json"  # fp16 only: the dynamic loss scale, saved with the state
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -49,7 +57,10 @@ def count_target_tokens(labels: torch.Tensor) -> torch.Tensor:
 
 
 def model_fingerprint(model: nn.Module) -> dict[str, list[int]]:
-    """Names and shapes of the trainable parameters: what a checkpoint must match to load."""
+    """Names and shapes of the trainable parameters: what a checkpoint must match to load.
+    A tied weight (lm_head.weight = model.embed_tokens.weight) is listed once, under its first
+    name, as named_parameters() gives it, so a tied and an untied model differ here: their
+    checkpoints hold the same names, but loading one into the other would be wrong."""
     return {n: list(full_shape(p)) for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -95,17 +106,28 @@ class Engine(Protocol):
         ...
 
 
-def autocast_context(ctx: DistContext, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU under `auto`/`bf16`; fp32 on CPU (bf16 autocast on CPU is slow and
-    would make CPU runs differ from the equivalence tests' expectations)."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and ctx.device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast_context(
+    ctx: DistContext, precision: str | PrecisionPolicy
+) -> contextlib.AbstractContextManager:
+    """torch.autocast in the compute dtype of `precision` (a `train.precision` value or the
+    resolved policy), or a no-op: fp32, bf16-pure, and `auto` on CPU (see trainer.precision)."""
+    if isinstance(precision, PrecisionPolicy):
+        dtype = precision.autocast_dtype
+    else:
+        dtype = autocast_dtype(precision, ctx.device.type)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=ctx.device.type, dtype=dtype)
 
 
 class DDPEngine:
-    """Data parallel over `ctx` (DistributedDataParallel), or a plain module at world size 1."""
+    """Data parallel over `ctx` (DistributedDataParallel), or a plain module at world size 1.
+
+    Precision (`trainer.precision`): the trainable parameters are cast to the policy's master
+    dtype (fp32 unless bf16-pure) here, before DDP builds its buckets and before the optimizer
+    has state; forwards run under autocast in the compute dtype; fp16 adds a GradScaler whose
+    overflow shows as a non-finite gradient norm, so the loop skips that step (and the scale
+    backs off)."""
 
     def __init__(
         self,
@@ -113,13 +135,22 @@ class DDPEngine:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         ctx: DistContext,
-        precision: str = "auto",
+        precision: str | PrecisionPolicy = "auto",
     ):
         self.ctx = ctx
         self.module = model
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.precision = precision
+        if isinstance(precision, str):
+            loaded = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
+            precision = resolve_precision(
+                precision, str(loaded).removeprefix("torch."), ctx.device.type, "ddp"
+            )
+        self.policy = precision
+        if ctx.is_main:
+            self.policy.log()
+        cast_trainable_params(model, self.policy.param_dtype)
+        self.scaler = torch.amp.GradScaler(ctx.device.type) if self.policy.loss_scaling else None
         if ctx.distributed:
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.model: nn.Module = DDP(model, device_ids=device_ids)
@@ -135,7 +166,7 @@ class DDPEngine:
         }
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with autocast_context(self.ctx, self.precision):
+        with autocast_context(self.ctx, self.policy):
             return self.model(**self._model_inputs(batch), use_cache=False).logits
 
     def forward_backward(
@@ -148,10 +179,17 @@ class DDPEngine:
         with sync:
             logits = self.forward(batch)
             loss_sum = token_loss_sum(logits, labels)
-            (loss_sum * loss_scale).backward()
+            loss = loss_sum * loss_scale
+            if self.scaler is not None:
+                loss = self.scaler.scale(loss)
+            loss.backward()
         return loss_sum.detach()
 
     def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
+        if self.scaler is not None:
+            # The norm, the clip and the step see the true gradients; an overflow (inf/NaN)
+            # is recorded for scaler.update() and shows in the norm.
+            self.scaler.unscale_(self.optimizer)
         # With max_norm=inf this only measures; the norm is the same on every rank because DDP
         # has already averaged the gradients.
         return torch.nn.utils.clip_grad_norm_(
@@ -159,7 +197,13 @@ class DDPEngine:
         )
 
     def optimizer_step(self, skip: bool) -> None:
-        if not skip:
+        if self.scaler is not None:
+            if not skip:
+                self.scaler.step(self.optimizer)
+            # After an overflow (the loop saw a non-finite norm and skipped) the scale backs off;
+            # the same on every rank, as the gradients it checked were all-reduced.
+            self.scaler.update()
+        elif not skip:
             self.optimizer.step()
         # The schedule follows optimizer steps taken by the loop, skipped or not, so that the LR
         # at step k is the same whatever happened before it.
@@ -180,17 +224,21 @@ class DDPEngine:
 
     def save_state(self, directory: Path) -> None:
         dcp_io.save(self._state(), directory)
-        self._save_scheduler(directory)
+        self._save_small_state(directory)
 
     def save_state_async(self, directory: Path, process_group: Any) -> Future:
         """Stage now, write in the background (the checkpoint manager publishes when done)."""
-        self._save_scheduler(directory)
+        self._save_small_state(directory)
         return dcp_io.async_save(self._state(), directory, process_group)
 
     def load_state(self, directory: Path) -> None:
         dcp_io.load_into(self.module, self.optimizer, directory, trainable_only=self.trainable_only)
         sched = json.loads((directory / "scheduler.json").read_text())
         self.scheduler.load_state_dict(sched)
+        scaler_file = directory / GRAD_SCALER_FILE
+        if self.scaler is not None and scaler_file.is_file():
+            # Absent when the checkpoint was written without fp16: the scaler starts fresh.
+            self.scaler.load_state_dict(json.loads(scaler_file.read_text()))
 
     def full_state_dict_for_export(self) -> dict[str, torch.Tensor] | None:
         return self.module.state_dict() if self.ctx.is_main else None
@@ -198,10 +246,13 @@ class DDPEngine:
     def _state(self) -> dict[str, Any]:
         return dcp_io.model_optim_state(self.module, self.optimizer, self.trainable_only)
 
-    def _save_scheduler(self, directory: Path) -> None:
+    def _save_small_state(self, directory: Path) -> None:
         if self.ctx.is_main:
-            # The LR schedule is a few numbers; JSON keeps the checkpoint free of pickles.
+            # The LR schedule and the loss scale are a few numbers; JSON keeps the checkpoint
+            # free of pickles. The scale is the same on every rank.
             (directory / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
+            if self.scaler is not None:
+                (directory / GRAD_SCALER_FILE).write_text(json.dumps(self.scaler.state_dict()))
 
     @property
     def trainable_only(self) -> bool:

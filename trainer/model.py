@@ -10,6 +10,7 @@ files to name the broken one (library errors rarely do).
 from __future__ import annotations
 
 import json
+import logging
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from trainer.config import ModelConfig
 
+log = logging.getLogger("fttrain")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # A directory holding none of these has no tokenizer; AutoTokenizer would then build an empty
@@ -87,7 +89,12 @@ def build_tokenizer(cfg: ModelConfig) -> Any:
 def build_model(
     cfg: ModelConfig, device: torch.device, *, deepspeed_config: dict[str, Any] | None = None
 ) -> PreTrainedModel:
-    """Load any HF causal LM onto `device` (weights in `model.dtype`).
+    """Load any HF causal LM onto `device` (weights in `model.dtype`; the engine then keeps the
+    trainable ones in its precision policy's master dtype, see trainer/precision.py).
+
+    Attention: `model.attn_implementation=auto` lets transformers pick sdpa where the model
+    supports it and eager where it does not (Gemma2); both keep packed samples apart (the mask
+    is derived from position_ids). The choice is logged.
 
     With a ZeRO-3 `deepspeed_config` (resolved, no "auto" left) the model is built already
     partitioned over the process group (transformers runs `deepspeed.zero.Init` and loads each
@@ -100,15 +107,29 @@ def build_model(
         # the model's lifetime too (generate() and save paths ask is_deepspeed_zero3_enabled()).
         zero3 = HfDeepSpeedConfig(deepspeed_config)
     key, source = "model.name_or_path", cfg.name_or_path
-    model = _load(
-        AutoModelForCausalLM.from_pretrained,
-        key,
-        source,
-        _local_dir(key, source),
-        is_model=True,
-        dtype=DTYPES[cfg.dtype],
-        attn_implementation=cfg.attn_implementation,
-        trust_remote_code=cfg.trust_remote_code,
+    asked = cfg.attn_implementation
+    try:
+        model = _load(
+            AutoModelForCausalLM.from_pretrained,
+            key,
+            source,
+            _local_dir(key, source),
+            is_model=True,
+            dtype=DTYPES[cfg.dtype],
+            attn_implementation=None if asked == "auto" else asked,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except ModelLoadError as e:
+        if asked == "auto" or "attention" not in str(e).lower():
+            raise
+        raise ModelLoadError(
+            f"{e}; model.attn_implementation={asked!r} is not supported by this model: set "
+            "model.attn_implementation=auto"
+        ) from None
+    log.info(
+        "attention: %s (model.attn_implementation=%s)",
+        getattr(model.config, "_attn_implementation", "?"),
+        asked,
     )
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with DDP's no_sync and with frozen inputs (LoRA).
