@@ -18,6 +18,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from tests.conftest import tiny_config_args
 
@@ -64,19 +65,25 @@ def _keep_signal_handlers():
         signal.signal(s, handler)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def digest(path: Path, algorithm: str) -> str:
+    """A file's checksum by the name a manifest records (xxh3_128; sha256 before format 2)."""
+    data = path.read_bytes()
+    if algorithm == "xxh3_128":
+        return xxhash.xxh3_128(data).hexdigest()
+    return hashlib.new(algorithm, data).hexdigest()
 
 
 def reseal(ckpt: Path, *changed: str) -> None:
-    """Re-record `changed` files in manifest.json and rewrite the COMPLETE marker, exactly as
-    trainer/checkpoint.py publishes them, so an edited checkpoint is valid again."""
+    """Re-record `changed` files in manifest.json and rewrite the COMPLETE marker (the sha256 of
+    the manifest), exactly as trainer/checkpoint.py publishes them, so an edited checkpoint is
+    valid again."""
     manifest = json.loads((ckpt / "manifest.json").read_text())
+    algorithm = manifest.get("hash", "sha256")
     for rel in changed:
         f = ckpt / rel
-        manifest["files"][rel] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        manifest["files"][rel] = {"bytes": f.stat().st_size, algorithm: digest(f, algorithm)}
     (ckpt / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    (ckpt / "COMPLETE").write_text(_sha256(ckpt / "manifest.json"))
+    (ckpt / "COMPLETE").write_text(digest(ckpt / "manifest.json", "sha256"))
 
 
 def _edit_trainer_json(ckpt: Path, **changes) -> None:
@@ -106,7 +113,7 @@ def test_reseal_makes_an_edited_checkpoint_valid_again(checkpoint):
 
     path = checkpoint / "trainer.json"
     path.write_text(path.read_text().replace('"full"', '"lora"'))
-    assert "trainer.json fails its sha256 checksum" in validate(checkpoint)
+    assert "trainer.json fails its xxh3_128 checksum" in validate(checkpoint)
     reseal(checkpoint, "trainer.json")
     assert validate(checkpoint) is None
 

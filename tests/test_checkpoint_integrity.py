@@ -136,7 +136,7 @@ CASES: dict[str, tuple[Callable[[Path], None], str, list[str]]] = {
     "flipped_byte": (
         _flip_byte_in_shard,
         "step_00000002",
-        ["step_00000004", f"{SHARD} fails its sha256 checksum"],
+        ["step_00000004", f"{SHARD} fails its xxh3_128 checksum"],
     ),
     "empty_latest": (_empty_latest, "step_00000004", ["latest is empty"]),
     "dangling_latest": (
@@ -232,7 +232,7 @@ def test_explicit_resume_of_a_corrupted_checkpoint_is_refused(trained_run, tmp_p
 
     root = _copy_run(trained_run, tmp_path) / "checkpoints"
     _flip_byte_in_shard(root)
-    with pytest.raises(CheckpointError, match="fails its sha256 checksum") as e:
+    with pytest.raises(CheckpointError, match="fails its xxh3_128 checksum") as e:
         _manager(root).resolve_resume(str(root / "step_00000004"))
     assert str(root / "step_00000004") in str(e.value)
 

@@ -17,6 +17,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+# The default of `train.collective_timeout_s` (trainer/config.py): 30 minutes, torch's own.
+DEFAULT_TIMEOUT_S = 1800.0
+
 
 class DistributedSetupError(RuntimeError):
     """The launch environment is inconsistent (e.g. RANK without WORLD_SIZE)."""
@@ -51,6 +54,14 @@ class DistContext:
     # default group is nccl, and a collective there would need a host-device sync to read.
     # None = the default group (already gloo on CPU).
     cpu_group: Any = None
+    # How long any collective waits for the slowest rank before failing
+    # (`train.collective_timeout_s`). Groups made later (the checkpoint manager's) take the same;
+    # None = torch's default (30 minutes for gloo, also for a new group of a shorter-timeout world).
+    timeout_s: float | None = None
+
+    @property
+    def timeout(self) -> datetime.timedelta | None:
+        return None if self.timeout_s is None else datetime.timedelta(seconds=self.timeout_s)
 
     @property
     def is_main(self) -> bool:
@@ -83,8 +94,10 @@ def world_from_env(env: dict[str, str] | None = None) -> WorldInfo:
     return info
 
 
-def init_distributed(timeout_s: float = 600.0) -> DistContext:
-    """Start the process group if launched with several ranks; pick the device."""
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
+    """Start the process group if launched with several ranks; pick the device. `timeout_s`
+    (`train.collective_timeout_s`) bounds every collective of this run, the groups made later
+    included: a rank that waits longer for the others fails instead of hanging."""
     info = world_from_env()
     if torch.cuda.is_available():
         device = torch.device("cuda", info.local_rank)
@@ -94,11 +107,12 @@ def init_distributed(timeout_s: float = 600.0) -> DistContext:
         device = torch.device("cpu")
         backend = "gloo"
     if info.world_size == 1 and "MASTER_ADDR" not in os.environ:
-        return DistContext(0, 0, 1, device, None)
+        return DistContext(0, 0, 1, device, None, timeout_s=timeout_s)
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             # Binding the device lets nccl set up eagerly; gloo ignores it.
             device_id=device if device.type == "cuda" else None,
         )
@@ -107,8 +121,10 @@ def init_distributed(timeout_s: float = 600.0) -> DistContext:
             f"process group (rank {dist.get_rank()} of {dist.get_world_size()}) disagrees with "
             f"the environment (RANK={info.rank}, WORLD_SIZE={info.world_size})"
         )
-    cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else None
-    return DistContext(info.rank, info.local_rank, info.world_size, device, backend, cpu_group)
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    return DistContext(
+        info.rank, info.local_rank, info.world_size, device, backend, cpu_group, timeout_s
+    )
 
 
 def all_reduce_sum(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
