@@ -2,9 +2,10 @@
 
 CHECKPOINT is a checkpoint directory (RUN_DIR/checkpoints/step_N) or a checkpoints root, whose
 newest valid checkpoint is taken. The model is rebuilt from the checkpoint's own config
-(`model.name_or_path`), its weights replaced by the checkpoint's, and saved with safetensors,
-config and tokenizer, ready for `AutoModelForCausalLM.from_pretrained`. Runs in one process,
-no GPU needed.
+(`model.name_or_path`), its weights replaced by the checkpoint's, and saved with safetensors (in
+the checkpoint's `output.dtype`: by default the base model's dtype), config, generation config
+and tokenizer, ready for `AutoModelForCausalLM.from_pretrained`. Runs in one process, no GPU
+needed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
+from data.loader import DataError, use_training_template
+from trainer.build import output_dtype, write_hf_model
 from trainer.checkpoint import (
     CheckpointError,
     describe_error,
@@ -47,6 +50,33 @@ def resolve_checkpoint(path: Path) -> Path:
     raise CheckpointError(f"{path}: no valid checkpoint here")
 
 
+def tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """Parameters that are another parameter under a second name, e.g. `lm_head.weight` ->
+    `model.embed_tokens.weight` in a model with tied input and output embeddings (Llama-3.2-1B,
+    Qwen2.5-0.5B, Gemma). A state dict, and so a checkpoint, holds both names;
+    `named_parameters()` only the first."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return tied
+
+
+def check_ties(ckpt: Path, fingerprint: dict[str, list[int]], model: torch.nn.Module) -> None:
+    """A weight that the model ties but the checkpoint trained as a parameter of its own (the
+    base model at model.name_or_path changed since) would load twice into one tensor, the last
+    one silently winning. `fingerprint` lists the checkpoint's parameters, tied ones once."""
+    for alias, name in tied_names(model).items():
+        if alias in fingerprint:
+            raise CheckpointError(
+                f"{ckpt}: the checkpoint's {alias} is a weight of its own, but the model at "
+                f"model.name_or_path ties it to {name} (tie_word_embeddings)"
+            )
+
+
 def load_checkpoint_weights(ckpt: Path, model: torch.nn.Module, backend: str) -> None:
     """Replace `model`'s weights with the checkpoint's (resharded to one process)."""
     engine_dir = ckpt / "engine"
@@ -58,7 +88,8 @@ def load_checkpoint_weights(ckpt: Path, model: torch.nn.Module, backend: str) ->
     from trainer import dcp_io
 
     saved = dcp_io.read_tensor_names(engine_dir)
-    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    # Every name a parameter answers to: tied weights are in the checkpoint under both.
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
     trainable_only = set(saved) != set(model.state_dict())
     missing = [n for n in saved if n not in expected or expected[n] != saved[n]]
     if missing:
@@ -84,10 +115,16 @@ def export(checkpoint: Path, output: Path) -> Path:
     except ModelLoadError as e:
         # The model path was read from the checkpoint, not typed on this command line: say where.
         raise ModelLoadError(f"{ckpt / 'config.yaml'}: {e}") from None
+    try:
+        # The chat template the run trained with (its own, an override, or the fallback) goes
+        # with the export, so apply_chat_template at inference renders the training format.
+        use_training_template(cfg.data, tokenizer)
+    except DataError as e:
+        raise CheckpointError(f"{ckpt / 'config.yaml'}: {e}") from None
+    check_ties(ckpt, trainer.get("model_fingerprint", {}), model)
     load_checkpoint_weights(ckpt, model, trainer.get("backend", "ddp"))
     output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output, safe_serialization=True)
-    tokenizer.save_pretrained(output)
+    write_hf_model(model, model.state_dict(), tokenizer, output, output_dtype(cfg))
     log.info("exported %s (step %s) to %s", ckpt, trainer.get("step"), output)
     return output
 

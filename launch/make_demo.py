@@ -21,7 +21,12 @@ from data.tokenizer import build_char_tokenizer
 
 
 def tiny_llama_config(
-    tokenizer, *, hidden: int = 128, layers: int = 4, heads: int = 4
+    tokenizer,
+    *,
+    hidden: int = 128,
+    layers: int = 4,
+    heads: int = 4,
+    tie_word_embeddings: bool = False,
 ) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=len(tokenizer),
@@ -34,15 +39,25 @@ def tiny_llama_config(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
 
 
-def build_tiny_model_dir(out: Path, seed: int = 0, **size: int) -> Path:
-    """Save a randomly initialized tiny Llama and the char tokenizer under `out`."""
+def build_tiny_model_dir(
+    out: Path,
+    seed: int = 0,
+    *,
+    tie_word_embeddings: bool = False,
+    dtype: torch.dtype = torch.float32,
+    **size: int,
+) -> Path:
+    """Save a randomly initialized tiny Llama and the char tokenizer under `out`, its weights
+    in `dtype`; with `tie_word_embeddings`, lm_head is the input embedding (Llama-3.2-1B's
+    layout)."""
     tokenizer = build_char_tokenizer()
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(tokenizer, **size))
+    config = tiny_llama_config(tokenizer, tie_word_embeddings=tie_word_embeddings, **size)
+    model = LlamaForCausalLM(config).to(dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -143,7 +143,7 @@ def run(argv: list[str] | None = None) -> dict:
         # Every rank reads the same config and data, so every rank fails here alike.
         _report(e, world.rank, world.world_size, group_alive=False, pre_group=True)
         raise
-    ctx = init_distributed()  # only now: config and data are known to be valid
+    ctx = init_distributed(p.cfg.train.collective_timeout_s)  # only now: the config is valid
     try:
         summary = _train(p.cfg, p.derived, ctx, p.tokenizer, p.train_batches, p.eval_set)
     except BaseException as e:
@@ -276,7 +276,7 @@ def _train(
                 )
             return json.loads(summary_path.read_text()) if ctx.is_main else summary
     if cfg.output.save_hf_model:
-        save_hf_model(engine, tokenizer, str(model_dir), ctx)
+        save_hf_model(engine, tokenizer, str(model_dir), ctx, cfg)
         summary["model_dir"] = str(model_dir)
     if ctx.is_main:
         summary_path.write_text(json.dumps(summary, indent=2))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,7 +13,7 @@ import torch
 from trainer.config import Derived, RunConfig
 from trainer.dist import DistContext
 from trainer.engine import DDPEngine, Engine
-from trainer.model import build_model
+from trainer.model import DTYPES, build_model
 from trainer.optim import build_optimizer, build_scheduler
 
 
@@ -37,10 +39,57 @@ def build_engine(cfg: RunConfig, derived: Derived, ctx: DistContext) -> Engine:
     return DDPEngine(model, optimizer, scheduler, ctx, precision=cfg.train.precision)
 
 
-def save_hf_model(engine: Engine, tokenizer: Any, out_dir: str, ctx: DistContext) -> None:
-    """Rank 0 writes safetensors + config + tokenizer that `from_pretrained` loads. Collective:
-    under ZeRO-3 the full weights are gathered from every rank first."""
+def output_dtype(cfg: RunConfig) -> torch.dtype:
+    """The dtype the final HF model is written in (`output.dtype`). "auto": the base model's, as
+    its config.json records it: a bf16 base trained in fp32 (`model.dtype`) is handed back in
+    bf16, at the size it came. The loaded model's own config cannot tell: from_pretrained
+    overwrites its dtype with the one it loaded in."""
+    if cfg.output.dtype != "auto":
+        return DTYPES[cfg.output.dtype]
+    from transformers import PretrainedConfig
+
+    # The model was loaded from there: a local directory, or a Hub id already in the cache.
+    raw, _ = PretrainedConfig.get_config_dict(cfg.model.name_or_path, local_files_only=True)
+    name = raw.get("dtype") or raw.get("torch_dtype")  # `torch_dtype`: before transformers 4.56
+    return DTYPES.get(str(name).removeprefix("torch."), torch.float32)
+
+
+def write_hf_model(
+    model: Any, state: dict[str, torch.Tensor], tokenizer: Any, out_dir: Path, dtype: torch.dtype
+) -> None:
+    """Write `state` (the full model state dict) with `model`'s config and generation config,
+    and the tokenizer, as a model `from_pretrained` loads: safetensors in `dtype`, and
+    config.json saying so."""
+    cast: dict[tuple, torch.Tensor] = {}
+    weights = {}
+    for name, tensor in state.items():
+        # Tied weights (lm_head = embed_tokens) are one tensor under two names: keep them one,
+        # so that save_pretrained still sees the tie and writes the weight once.
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tensor.shape,
+            tensor.stride(),
+        )
+        if key not in cast:
+            cast[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        weights[name] = cast[key]
+    model.save_pretrained(out_dir, state_dict=weights, safe_serialization=True)
+    # save_pretrained records the dtype the live model trained in; from_pretrained (dtype
+    # "auto") would load the weights in that one. Rewrite it, leaving the live config alone.
+    config = copy.deepcopy(model.config)
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def save_hf_model(
+    engine: Engine, tokenizer: Any, out_dir: str, ctx: DistContext, cfg: RunConfig
+) -> None:
+    """Rank 0 writes safetensors (in `output.dtype`) + config + generation config + tokenizer
+    that `from_pretrained` loads. Collective: under ZeRO-3 the full weights are gathered from
+    every rank first."""
     state = engine.full_state_dict_for_export()
     if ctx.is_main:
-        engine.unwrapped_model().save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
+        assert state is not None
+        write_hf_model(engine.unwrapped_model(), state, tokenizer, Path(out_dir), output_dtype(cfg))
