@@ -248,6 +248,22 @@ def _end_marker(text: str, specials: set[str]) -> str:
     return text.split("\n", 1)[0].rstrip()
 
 
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The special token that ends an assistant turn in `tokenizer`'s chat template
+    (`<|im_end|>`, `<|eot_id|>`, `<|end|>`, ...), or None when the template has no such token.
+    A model trained on the template must stop generating there, which a base model's
+    generation config does not know."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return None
+    end = turn_layout(tokenizer, template).end
+    token = next((t for t in special_tokens(tokenizer) if end and end.endswith(t)), None)
+    if token is None:
+        return None
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    return token_id if isinstance(token_id, int) and token_id >= 0 else None
+
+
 @dataclass(frozen=True)
 class Span:
     """One assistant turn in a rendering: text[start:end] carries the loss; text[marker:end] is

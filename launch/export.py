@@ -20,7 +20,7 @@ import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
 from data.loader import DataError, use_training_template
-from trainer.build import output_dtype, write_hf_model
+from trainer.build import chat_stop_ids, output_dtype, write_hf_model
 from trainer.checkpoint import (
     CheckpointError,
     describe_error,
@@ -124,7 +124,8 @@ def export(checkpoint: Path, output: Path) -> Path:
     check_ties(ckpt, trainer.get("model_fingerprint", {}), model)
     load_checkpoint_weights(ckpt, model, trainer.get("backend", "ddp"))
     output.mkdir(parents=True, exist_ok=True)
-    write_hf_model(model, model.state_dict(), tokenizer, output, output_dtype(cfg))
+    stop_ids = chat_stop_ids(cfg, tokenizer)
+    write_hf_model(model, model.state_dict(), tokenizer, output, output_dtype(cfg), stop_ids)
     log.info("exported %s (step %s) to %s", ckpt, trainer.get("step"), output)
     return output
 

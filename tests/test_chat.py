@@ -376,3 +376,27 @@ def test_chat_exact_match_scores_the_assistant_turn(name, model_stops):
             batch_size=4,
         )
         assert result["eval/accuracy"] == accuracy
+
+
+@pytest.mark.parametrize(
+    ("name", "setting", "end"),
+    [("qwen2", None, "<|im_end|>"), ("llama3-style", "llama3", "<|eot_id|>")],
+)
+def test_the_saved_generation_config_stops_at_the_end_of_turn(tmp_path, name, setting, end):
+    """A base model trained on a chat template must stop at the template's end-of-turn token;
+    its own generation config only knows its EOS, so the saved one gets the token added."""
+    from transformers import GenerationConfig
+
+    from data.chat import end_of_turn_id
+    from trainer.build import write_hf_model
+
+    tok = load(name)
+    use_training_template(config("unused", format="chat", chat_template=setting), tok)
+    eot = tok.convert_tokens_to_ids(end)
+    assert end_of_turn_id(tok) == eot
+    model = tiny_llama(vocab=len(tok), hidden=16, heads=2, layers=1)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    assert eot != tok.eos_token_id  # the base model would not stop there by itself
+    write_hf_model(model, model.state_dict(), tok, tmp_path, torch.float32, (eot,))
+    saved = GenerationConfig.from_pretrained(tmp_path).eos_token_id
+    assert saved == [tok.eos_token_id, eot]

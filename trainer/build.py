@@ -55,11 +55,17 @@ def output_dtype(cfg: RunConfig) -> torch.dtype:
 
 
 def write_hf_model(
-    model: Any, state: dict[str, torch.Tensor], tokenizer: Any, out_dir: Path, dtype: torch.dtype
+    model: Any,
+    state: dict[str, torch.Tensor],
+    tokenizer: Any,
+    out_dir: Path,
+    dtype: torch.dtype,
+    stop_ids: tuple[int, ...] = (),
 ) -> None:
     """Write `state` (the full model state dict) with `model`'s config and generation config,
     and the tokenizer, as a model `from_pretrained` loads: safetensors in `dtype`, and
-    config.json saying so."""
+    config.json saying so. `stop_ids` join the generation config's `eos_token_id` (the chat
+    template's end-of-turn token of a chat run: without it `generate()` runs past each turn)."""
     cast: dict[tuple, torch.Tensor] = {}
     weights = {}
     for name, tensor in state.items():
@@ -80,7 +86,24 @@ def write_hf_model(
     config = copy.deepcopy(model.config)
     config.dtype = str(dtype).removeprefix("torch.")
     config.save_pretrained(out_dir)
+    generation = getattr(model, "generation_config", None)
+    if stop_ids and generation is not None:
+        generation = copy.deepcopy(generation)
+        eos = generation.eos_token_id
+        known = [eos] if isinstance(eos, int) else list(eos or [])
+        generation.eos_token_id = [*known, *(i for i in stop_ids if i not in known)]
+        generation.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def chat_stop_ids(cfg: RunConfig, tokenizer: Any) -> tuple[int, ...]:
+    """The end-of-turn token of a chat run's template (see write_hf_model), else nothing."""
+    from data.chat import end_of_turn_id
+
+    if cfg.data.format != "chat":
+        return ()
+    token_id = end_of_turn_id(tokenizer)
+    return () if token_id is None else (token_id,)
 
 
 def save_hf_model(
@@ -92,4 +115,11 @@ def save_hf_model(
     state = engine.full_state_dict_for_export()
     if ctx.is_main:
         assert state is not None
-        write_hf_model(engine.unwrapped_model(), state, tokenizer, Path(out_dir), output_dtype(cfg))
+        write_hf_model(
+            engine.unwrapped_model(),
+            state,
+            tokenizer,
+            Path(out_dir),
+            output_dtype(cfg),
+            chat_stop_ids(cfg, tokenizer),
+        )
