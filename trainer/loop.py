@@ -266,6 +266,14 @@ def check_empty_step(
     )
 
 
+def _carry_over(result: TrainResult, writer: MetricsWriter) -> None:
+    """What the run logged before this invocation (kept in metrics.jsonl) counts too: its
+    evals, and its last loss when this invocation trains no step."""
+    result.eval_history = list(writer.previous_evals)
+    if writer.previous_train is not None:
+        result.previous_loss = writer.previous_train.get("train/loss")
+
+
 def completed_result(
     ctx: DistContext, state: TrainState, run_dir: Path, train_batches: StepBatches
 ) -> TrainResult:
@@ -275,9 +283,7 @@ def completed_result(
     if ctx.is_main:
         writer = MetricsWriter(run_dir, enabled=True, tensorboard=False, start_step=state.step)
         writer.close()
-        result.eval_history = list(writer.previous_evals)
-        if writer.previous_train is not None:
-            result.previous_loss = writer.previous_train.get("train/loss")
+        _carry_over(result, writer)
     result.data_totals = data_totals(ctx, train_batches.metrics())
     return result
 
@@ -303,9 +309,7 @@ def train(
     writer = MetricsWriter(
         run_dir, enabled=ctx.is_main, tensorboard=cfg.logging.tensorboard, start_step=state.step
     )
-    result.eval_history = list(writer.previous_evals)  # the evals before a resume count too
-    if writer.previous_train is not None:
-        result.previous_loss = writer.previous_train.get("train/loss")
+    _carry_over(result, writer)
     progress = Progress(
         total, state.step, ctx.is_main, cfg.logging.progress_bar, cfg.logging.every_steps
     )
