@@ -308,3 +308,54 @@ def test_collective_timeout_is_a_config_value(tiny_assets, tmp_path):
     assert cfg.train.collective_timeout_s == 7200
     with pytest.raises(ConfigError, match="train.collective_timeout_s"):
         load_config(path, [*overrides, "train.collective_timeout_s=0"])
+
+
+def test_async_saves_reuse_their_staging_buffers_and_hold_each_saves_values(tmp_path):
+    """The second async save copies into the first save's CPU buffers (no new allocation) and
+    still writes the values of its own step; a state whose shapes change gets new buffers."""
+    import torch
+
+    from trainer import checkpoint as ck
+    from trainer.dist import DistContext
+    from trainer.engine import DDPEngine
+
+    ctx = DistContext(0, 0, 1, torch.device("cpu"), None)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    engine = DDPEngine(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), ctx)
+    manager = ck.CheckpointManager(tmp_path, ctx, async_save=True)
+
+    def train_step() -> None:
+        model(torch.randn(4, 16)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    saved: dict[int, dict[str, torch.Tensor]] = {}
+    buffers = []
+    for step in (1, 2, 3):
+        train_step()
+        manager.save(step, engine, {"data": {}, "rng": {}}, {"train_state": {}}, "x: 1\n")
+        saved[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        buffers.append(engine._stager._buffers["model"]["weight"].data_ptr())
+        train_step()  # changes the live weights while the background write may still run
+    manager.wait()
+    assert buffers[0] == buffers[1] == buffers[2]  # one allocation, reused
+
+    for step in (1, 2, 3):
+        fresh = torch.nn.Linear(16, 16)
+        fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+        fresh(torch.randn(1, 16)).sum().backward()
+        fresh_opt.step()  # so the optimizer state exists to load into
+        other = DDPEngine(
+            fresh, fresh_opt, torch.optim.lr_scheduler.LambdaLR(fresh_opt, lambda s: 1.0), ctx
+        )
+        other.load_state(tmp_path / ck.checkpoint_name(step) / "engine")
+        for k, v in fresh.state_dict().items():
+            assert torch.equal(v, saved[step][k]), (step, k)
+
+    stager = engine._stager
+    before = stager._buffers["model"]["weight"]
+    stager.stage({"model": {"weight": torch.zeros(3, 3)}})  # another layout: new buffers
+    assert stager._buffers["model"]["weight"] is not before
+    assert stager._buffers["model"]["weight"].shape == (3, 3)

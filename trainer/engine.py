@@ -157,6 +157,7 @@ class DDPEngine:
         else:
             self.model = model
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self._stager: dcp_io.ReusedStagingBuffers | None = None  # kept across async saves
 
     def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {
@@ -229,7 +230,9 @@ class DDPEngine:
     def save_state_async(self, directory: Path, process_group: Any) -> Future:
         """Stage now, write in the background (the checkpoint manager publishes when done)."""
         self._save_small_state(directory)
-        return dcp_io.async_save(self._state(), directory, process_group)
+        if self._stager is None:
+            self._stager = dcp_io.ReusedStagingBuffers()
+        return dcp_io.async_save(self._state(), directory, process_group, self._stager)
 
     def load_state(self, directory: Path) -> None:
         dcp_io.load_into(self.module, self.optimizer, directory, trainable_only=self.trainable_only)
