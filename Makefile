@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 # a C++ compiler, or if it fails, a warning: that first run retries and reports why.
 $(VENV)/.deepspeed_op: $(VENV)/.installed
 	@if command -v $${CXX:-c++} >/dev/null 2>&1; then \
-	  $(BIN)/python -m trainer.deepspeed_ops --build || \
+	  $(BIN)/python -m trainer.engine.deepspeed_ops --build || \
 	    echo "warning: DeepSpeed's CPU communication op did not build; DeepSpeed runs will retry"; \
 	else \
 	  echo "warning: no C++ compiler ($${CXX:-c++}): DeepSpeed's CPU communication op not built"; \

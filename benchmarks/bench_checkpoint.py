@@ -103,7 +103,7 @@ def ensure_process_group() -> str:
 def bench_ours(engine, work: Path, repeats: int, async_save: bool, checksum: str) -> dict:
     from concurrent.futures import wait
 
-    from trainer.checkpoint import CheckpointManager
+    from trainer.checkpoint.manager import CheckpointManager
     from trainer.dist import DistContext
 
     ctx = DistContext(0, 0, 1, torch.device("cpu"), None)
@@ -185,7 +185,7 @@ def bench_paired_load(engine, accelerator, work: Path, rounds: int) -> dict:
     """Our verify + load and accelerate's load of the same state, alternated round by round
     (the order flips every round), so other jobs on a shared machine slow both alike: the
     table's rows are measured minutes apart and their ratio moves with the machine's load."""
-    from trainer.checkpoint import CheckpointManager
+    from trainer.checkpoint.manager import CheckpointManager
     from trainer.dist import DistContext
 
     ctx = DistContext(0, 0, 1, torch.device("cpu"), None)
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.WARNING)
     from trainer.dist import DistContext
-    from trainer.engine import DDPEngine
+    from trainer.engine.ddp import DDPEngine
 
     model, optimizer, scheduler = build(
         args.hidden, args.layers, args.heads, args.intermediate, args.vocab

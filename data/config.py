@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from trainer.config_base import Section
+from data.config_base import Section
 
 
 class DataConfig(Section):

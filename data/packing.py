@@ -4,7 +4,7 @@ Packed rows carry `position_ids` that restart at 0 for every sample and NO `atte
 transformers (5.x, `masking_utils.find_packed_sequence_indices`) then derives a block-diagonal
 causal mask from the position restarts, so with sdpa/eager attention each sample attends only to
 itself and gets the logits it would get alone. That detection only runs without a KV cache:
-the model must be called with `use_cache=False` (as trainer.engine does); with a cache the
+the model must be called with `use_cache=False` (as the engines do); with a cache the
 samples of a row would attend to each other. The padding at the end of a row restarts positions
 too, so it forms its own block and never joins the last sample's.
 """

@@ -21,16 +21,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from data.loader import DataError, use_training_template
 from trainer.build import chat_stop_ids, output_dtype, write_hf_model
-from trainer.checkpoint import (
-    CheckpointError,
-    describe_error,
-    find_latest_valid,
-    read_trainer_state,
-    validate,
-)
+from trainer.checkpoint.dcp_io import UnsafeCheckpointError
+from trainer.checkpoint.files import CheckpointError, describe_error, find_latest_valid, validate
+from trainer.checkpoint.manager import read_trainer_state
 from trainer.config import ConfigError, RunConfig, directory_problem
-from trainer.dcp_io import UnsafeCheckpointError
-from trainer.model import ModelLoadError, build_model, build_tokenizer
+from trainer.engine.backends import backend_for
+from trainer.model.load import ModelLoadError, build_model, build_tokenizer
 
 log = logging.getLogger("fttrain")
 
@@ -79,25 +75,7 @@ def check_ties(ckpt: Path, fingerprint: dict[str, list[int]], model: torch.nn.Mo
 
 def load_checkpoint_weights(ckpt: Path, model: torch.nn.Module, backend: str) -> None:
     """Replace `model`'s weights with the checkpoint's (resharded to one process)."""
-    engine_dir = ckpt / "engine"
-    if backend == "deepspeed":
-        from trainer.deepspeed_engine import load_zero_weights_for_export
-
-        load_zero_weights_for_export(engine_dir, model)
-        return
-    from trainer import dcp_io
-
-    saved = dcp_io.read_tensor_names(engine_dir)
-    # Every name a parameter answers to: tied weights are in the checkpoint under both.
-    expected = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
-    trainable_only = set(saved) != set(model.state_dict())
-    missing = [n for n in saved if n not in expected or expected[n] != saved[n]]
-    if missing:
-        raise CheckpointError(
-            f"{ckpt}: checkpoint tensors do not fit the model at model.name_or_path "
-            f"(first: {missing[0]} {saved[missing[0]]})"
-        )
-    dcp_io.load_into(model, None, engine_dir, trainable_only=trainable_only)
+    backend_for(backend).load_weights(ckpt / "engine", model)
 
 
 def export(checkpoint: Path, output: Path) -> Path:

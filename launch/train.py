@@ -20,7 +20,8 @@ from data.build import build_eval_dataset, build_train_batches
 from data.loader import DataError
 from launch import failures
 from trainer.build import build_engine, save_hf_model, seed_everything
-from trainer.checkpoint import CheckpointError, Checkpointing, CheckpointSaveError
+from trainer.checkpoint.checkpointing import Checkpointing
+from trainer.checkpoint.files import CheckpointError, CheckpointSaveError
 from trainer.config import (
     ConfigError,
     Derived,
@@ -30,7 +31,6 @@ from trainer.config import (
     resolve_batch,
     with_total_steps,
 )
-from trainer.deepspeed_ops import DeepSpeedOpError
 from trainer.dist import (
     DistContext,
     DistributedSetupError,
@@ -40,6 +40,8 @@ from trainer.dist import (
     shutdown,
     world_from_env,
 )
+from trainer.engine.backends import backend_for
+from trainer.engine.deepspeed_ops import DeepSpeedOpError
 from trainer.loop import (
     Evaluator,
     NonFiniteLossError,
@@ -48,13 +50,13 @@ from trainer.loop import (
     completed_result,
     train,
 )
-from trainer.model import (
+from trainer.model.load import (
     ModelLoadError,
     build_tokenizer,
     check_model_files,
     check_tokenizer_fits,
 )
-from trainer.packing_probe import PackingNotExact, check_packing_exact
+from trainer.model.packing_probe import PackingNotExact, check_packing_exact
 
 log = logging.getLogger("fttrain")
 
@@ -111,11 +113,7 @@ def prepare(argv: list[str] | None = None) -> Prepared:
     setup_logging(world.rank)
     cfg = load_config(args.config, args.overrides)
     derived = resolve_batch(cfg, world.world_size)
-    if cfg.train.backend == "deepspeed":
-        # Imported only when used: DeepSpeed is slow to import and probes for accelerators.
-        from trainer.deepspeed_config import validate_deepspeed_config
-
-        validate_deepspeed_config(cfg, derived)  # a bad JSON fails before any rank waits
+    backend_for(cfg.train.backend).check(cfg, derived)
     seed_everything(cfg.seed)
     check_model_files(cfg.model)
     tokenizer = build_tokenizer(cfg.model)

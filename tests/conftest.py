@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests import launcher
-from trainer.deepspeed_ops import use_project_extensions_dir
+from trainer.engine.deepspeed_ops import use_project_extensions_dir
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # DeepSpeed's JIT op is built into (and loaded from) this venv, never the user-wide cache that

@@ -15,7 +15,7 @@ from data.tokenizer import build_char_tokenizer
 from tests.conftest import tiny_config_args
 from tests.launcher import run_torchrun
 from trainer.config import ModelConfig
-from trainer.model import ModelLoadError, build_model
+from trainer.model.load import ModelLoadError, build_model
 
 CPU = torch.device("cpu")
 

@@ -75,7 +75,7 @@ def digest(path: Path, algorithm: str) -> str:
 
 def reseal(ckpt: Path, *changed: str) -> None:
     """Re-record `changed` files in manifest.json and rewrite the COMPLETE marker (the sha256 of
-    the manifest), exactly as trainer/checkpoint.py publishes them, so an edited checkpoint is
+    the manifest), exactly as trainer/checkpoint/manager.py publishes them, so an edited checkpoint is
     valid again."""
     manifest = json.loads((ckpt / "manifest.json").read_text())
     algorithm = manifest.get("hash", "sha256")
@@ -109,7 +109,7 @@ def _cli_error(capsys, argv: list[str]) -> str:
 
 def test_reseal_makes_an_edited_checkpoint_valid_again(checkpoint):
     """The helper the tests below rely on: editing breaks validation, resealing restores it."""
-    from trainer.checkpoint import validate
+    from trainer.checkpoint.files import validate
 
     path = checkpoint / "trainer.json"
     path.write_text(path.read_text().replace('"full"', '"lora"'))
@@ -158,7 +158,7 @@ def test_resume_of_a_different_method_names_both(tiny_assets, checkpoint, tmp_pa
 
 
 def test_resume_of_a_newer_format_names_versions(tiny_assets, checkpoint, tmp_path, capsys):
-    from trainer.checkpoint import FORMAT_VERSION
+    from trainer.checkpoint.files import FORMAT_VERSION
 
     _edit_trainer_json(checkpoint, format_version=99)
     line = _cli_error(
@@ -200,7 +200,7 @@ def _tamper_metadata(checkpoint: Path, proof: Path) -> Path:
 
 
 def test_tampered_dcp_metadata_is_refused_not_executed(checkpoint, tmp_path):
-    from trainer import dcp_io
+    from trainer.checkpoint import dcp_io
 
     proof = tmp_path / "pwned"
     metadata = _tamper_metadata(checkpoint, proof)

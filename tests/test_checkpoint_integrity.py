@@ -34,7 +34,7 @@ def _train(assets: Path, run_dir: Path, *extra: str) -> dict:
 
 def _train_recording_resume(assets: Path, run_dir: Path, *extra: str) -> dict:
     """Train, and report which checkpoint the run resumed from and at what step."""
-    from trainer.checkpoint import Checkpointing
+    from trainer.checkpoint.checkpointing import Checkpointing
 
     seen: list = []
     original = Checkpointing.restore
@@ -56,7 +56,7 @@ def _train_with_injected_fault(assets: Path, run_dir: Path, fault: str, *extra: 
     # Must precede every trainer import in this process: faults reads the env at import time.
     assert "trainer.faults" not in __import__("sys").modules
     os.environ["FTTRAIN_FAULT"] = fault
-    from trainer.checkpoint import CheckpointSaveError
+    from trainer.checkpoint.files import CheckpointSaveError
 
     try:
         return ("finished", _train(assets, run_dir, *extra))
@@ -69,7 +69,7 @@ def _train_then_fill_disk(assets: Path, run_dir: Path) -> dict:
     import resource
     import signal
 
-    from trainer.checkpoint import CheckpointSaveError
+    from trainer.checkpoint.files import CheckpointSaveError
 
     _train(assets, run_dir, "checkpoint.every_steps=2", "train.max_steps=2")
     ckpt = run_dir / "checkpoints" / "step_00000002"
@@ -181,7 +181,7 @@ def _copy_run(trained_run: Path, tmp_path: Path) -> Path:
 def _manager(root: Path):
     import torch
 
-    from trainer.checkpoint import CheckpointManager
+    from trainer.checkpoint.manager import CheckpointManager
     from trainer.dist import DistContext
 
     return CheckpointManager(root, DistContext(0, 0, 1, torch.device("cpu"), None))
@@ -189,7 +189,7 @@ def _manager(root: Path):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_damaged_newest_checkpoint_is_passed_over_with_a_note(case, trained_run, tmp_path, caplog):
-    from trainer.checkpoint import find_latest_valid, validate
+    from trainer.checkpoint.files import find_latest_valid, validate
 
     corrupt, expected, note_parts = CASES[case]
     root = _copy_run(trained_run, tmp_path) / "checkpoints"
@@ -213,7 +213,7 @@ def test_damaged_newest_checkpoint_is_passed_over_with_a_note(case, trained_run,
 
 
 def test_unfinished_temp_dir_is_never_chosen_and_is_cleaned_up(trained_run, tmp_path, caplog):
-    from trainer.checkpoint import find_latest_valid
+    from trainer.checkpoint.files import find_latest_valid
 
     root = _copy_run(trained_run, tmp_path) / "checkpoints"
     shutil.copytree(root / "step_00000004", root / ".tmp-step_00000006")  # even a full copy
@@ -228,7 +228,7 @@ def test_unfinished_temp_dir_is_never_chosen_and_is_cleaned_up(trained_run, tmp_
 
 
 def test_explicit_resume_of_a_corrupted_checkpoint_is_refused(trained_run, tmp_path):
-    from trainer.checkpoint import CheckpointError
+    from trainer.checkpoint.files import CheckpointError
 
     root = _copy_run(trained_run, tmp_path) / "checkpoints"
     _flip_byte_in_shard(root)
@@ -241,7 +241,7 @@ def test_explicit_resume_of_a_corrupted_checkpoint_is_refused(trained_run, tmp_p
 def test_rerun_after_corruption_resumes_from_previous_and_republishes(
     trained_run, tiny_assets, tmp_path, ranks
 ):
-    from trainer.checkpoint import find_latest_valid, validate
+    from trainer.checkpoint.files import find_latest_valid, validate
 
     run_dir = _copy_run(trained_run, tmp_path)
     root = run_dir / "checkpoints"
@@ -265,7 +265,7 @@ def test_rerun_after_corruption_resumes_from_previous_and_republishes(
 
 @pytest.mark.timeout(300)
 def test_exception_after_one_ranks_shard_keeps_previous_checkpoint(tiny_assets, tmp_path, ranks):
-    from trainer.checkpoint import find_latest_valid, validate
+    from trainer.checkpoint.files import find_latest_valid, validate
 
     run_dir = tmp_path / "run"
     root = run_dir / "checkpoints"
@@ -305,7 +305,7 @@ def test_exception_after_one_ranks_shard_keeps_previous_checkpoint(tiny_assets, 
 
 @pytest.mark.timeout(200)
 def test_full_disk_during_save_raises_and_keeps_previous_checkpoint(tiny_assets, tmp_path, ranks):
-    from trainer.checkpoint import find_latest_valid, validate
+    from trainer.checkpoint.files import find_latest_valid, validate
 
     run_dir = tmp_path / "run"
     root = run_dir / "checkpoints"
@@ -326,9 +326,10 @@ def test_async_save_holds_the_state_at_save_time(tmp_path):
     from when `save` returned, not the ones the optimizer writes meanwhile."""
     import torch
 
-    from trainer.checkpoint import CheckpointManager, validate
+    from trainer.checkpoint.files import validate
+    from trainer.checkpoint.manager import CheckpointManager
     from trainer.dist import DistContext
-    from trainer.engine import DDPEngine
+    from trainer.engine.ddp import DDPEngine
 
     def make():
         torch.manual_seed(0)
@@ -370,7 +371,7 @@ def test_async_save_holds_the_state_at_save_time(tmp_path):
 
 
 def _train_counting_publishes(assets: Path, run_dir: Path, *extra: str) -> list[int]:
-    from trainer.checkpoint import CheckpointManager
+    from trainer.checkpoint.manager import CheckpointManager
 
     published: list[int] = []
     original = CheckpointManager._publish
@@ -391,7 +392,7 @@ def _train_counting_publishes(assets: Path, run_dir: Path, *extra: str) -> list[
 def test_async_run_publishes_each_step_once(tiny_assets, tmp_path, ranks):
     """The save at the last step is still in flight when the run finishes: `finish` must wait
     for it rather than save (and replace) the same step again."""
-    from trainer.checkpoint import validate
+    from trainer.checkpoint.files import validate
 
     run_dir = tmp_path / "run"
     [published] = ranks(

@@ -43,9 +43,10 @@ def _verify_on_two_ranks(root: Path, timeout_s: float) -> dict:
     import torch
     import torch.distributed as dist
 
-    from trainer import checkpoint as ck
+    from trainer.checkpoint import files as ck
+    from trainer.checkpoint import manager as ck_manager
     from trainer.dist import init_distributed, shutdown
-    from trainer.engine import DDPEngine
+    from trainer.engine.ddp import DDPEngine
 
     ctx = init_distributed(timeout_s=timeout_s)
     hashed: list[tuple[str, str]] = []
@@ -55,13 +56,13 @@ def _verify_on_two_ranks(root: Path, timeout_s: float) -> dict:
         hashed.append((_relative(Path(path)), threading.current_thread().name))
         return real_digest(path, algorithm)
 
-    ck.file_digest = spy
+    ck.file_digest = ck_manager.file_digest = spy  # hashing (files) and the marker (manager)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 64))
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     engine = DDPEngine(model, opt, sched, ctx, "fp32")
-    manager = ck.CheckpointManager(root, ctx, async_save=True)
+    manager = ck_manager.CheckpointManager(root, ctx, async_save=True)
     out: dict = {
         "timeouts": [
             _group_timeout_s(g) for g in (dist.group.WORLD, manager.group, manager.async_group)
@@ -113,7 +114,7 @@ def _verify_on_two_ranks(root: Path, timeout_s: float) -> dict:
 
 @pytest.mark.timeout(200)
 def test_every_rank_hashes_a_share_and_any_rank_names_a_corrupted_file(tmp_path, ranks):
-    from trainer.checkpoint import CHECKSUM, MANIFEST
+    from trainer.checkpoint.files import CHECKSUM, MANIFEST
 
     root = tmp_path / "ckpts"
     results = ranks(_verify_on_two_ranks, 2, root, 123.0, timeout=150)
@@ -155,15 +156,16 @@ def test_async_save_hashes_in_the_background_and_poll_only_publishes(tmp_path):
 
     import torch
 
-    from trainer import checkpoint as ck
+    from trainer.checkpoint import files as ck
+    from trainer.checkpoint import manager as ck_manager
     from trainer.dist import DistContext
-    from trainer.engine import DDPEngine
+    from trainer.engine.ddp import DDPEngine
 
     ctx = DistContext(0, 0, 1, torch.device("cpu"), None)
     model = torch.nn.Linear(64, 64)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     engine = DDPEngine(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), ctx)
-    manager = ck.CheckpointManager(tmp_path, ctx, async_save=True)
+    manager = ck_manager.CheckpointManager(tmp_path, ctx, async_save=True)
     hashed: list[tuple[str, str]] = []
     real_digest = ck.file_digest
 
@@ -171,7 +173,7 @@ def test_async_save_hashes_in_the_background_and_poll_only_publishes(tmp_path):
         hashed.append((_relative(Path(path)), threading.current_thread().name))
         return real_digest(path, algorithm)
 
-    ck.file_digest = spy
+    ck.file_digest = ck_manager.file_digest = spy  # hashing (files) and the marker (manager)
     try:
         manager.save(1, engine, {"data": {}, "rng": {}}, {"train_state": {}}, "x: 1\n")
         share = manager.pending.future.result()  # written and hashed: what poll() will find
@@ -179,7 +181,7 @@ def test_async_save_hashes_in_the_background_and_poll_only_publishes(tmp_path):
         hashed.clear()
         manager.poll()
     finally:
-        ck.file_digest = real_digest
+        ck.file_digest = ck_manager.file_digest = real_digest
     assert manager.pending is None and manager.last_saved_step == 1
     manifest = json.loads((tmp_path / STEP1 / ck.MANIFEST).read_text())
     assert set(share) == set(manifest["files"]) == {f for f, _ in in_background}
@@ -192,15 +194,16 @@ def test_sha256_on_request_is_recorded_and_verified(tmp_path):
     """`checksum="sha256"` (the benchmark's "before") writes a manifest that says so."""
     import torch
 
-    from trainer import checkpoint as ck
+    from trainer.checkpoint import files as ck
+    from trainer.checkpoint import manager as ck_manager
     from trainer.dist import DistContext
-    from trainer.engine import DDPEngine
+    from trainer.engine.ddp import DDPEngine
 
     ctx = DistContext(0, 0, 1, torch.device("cpu"), None)
     model = torch.nn.Linear(8, 8)
     opt = torch.optim.AdamW(model.parameters())
     engine = DDPEngine(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), ctx)
-    manager = ck.CheckpointManager(tmp_path, ctx, checksum="sha256")
+    manager = ck_manager.CheckpointManager(tmp_path, ctx, checksum="sha256")
     manager.save(1, engine, {"data": {}, "rng": {}}, {"train_state": {}}, "x: 1\n")
     manifest = json.loads((tmp_path / STEP1 / ck.MANIFEST).read_text())
     trainer_json = tmp_path / STEP1 / "trainer.json"
@@ -216,18 +219,18 @@ def test_shares_split_the_bytes_evenly():
     """Every file goes to exactly one rank, about 1/world of the bytes each, also for DeepSpeed's
     alternating small model / large optimizer files (a round robin by name would give all the
     large ones to rank 0 and 2)."""
-    from trainer.checkpoint import _share
+    from trainer.checkpoint.files import share_of
 
     sizes = {}
     for r in range(4):
         sizes[f"ds/zero_pp_rank_{r}_mp_rank_00_model_states.pt"] = 10
         sizes[f"ds/zero_pp_rank_{r}_mp_rank_00_optim_states.pt"] = 1000
     sizes["trainer.json"] = 1
-    shares = [_share(sizes, r, 4) for r in range(4)]
+    shares = [share_of(sizes, r, 4) for r in range(4)]
     assert sorted(f for s in shares for f in s) == sorted(sizes)
     loads = [sum(sizes[f] for f in s) for s in shares]
     assert max(loads) - min(loads) <= 11, loads
-    assert _share(sizes, 0, 1) == sorted(sizes, key=lambda f: (-sizes[f], f))
+    assert share_of(sizes, 0, 1) == sorted(sizes, key=lambda f: (-sizes[f], f))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +271,7 @@ def _keep_signal_handlers():
 @pytest.mark.usefixtures("_keep_signal_handlers")
 def test_a_format_1_checkpoint_with_a_sha256_manifest_still_resumes(tiny_assets, tmp_path, capsys):
     from launch.train import main
-    from trainer.checkpoint import CHECKSUM, FORMAT_VERSION, validate
+    from trainer.checkpoint.files import CHECKSUM, FORMAT_VERSION, validate
 
     def cli(*extra: str) -> int:
         args = tiny_config_args(tiny_assets, run_dir, "logging.tensorboard=false", *extra)
@@ -315,16 +318,17 @@ def test_async_saves_reuse_their_staging_buffers_and_hold_each_saves_values(tmp_
     still writes the values of its own step; a state whose shapes change gets new buffers."""
     import torch
 
-    from trainer import checkpoint as ck
+    from trainer.checkpoint import files as ck
+    from trainer.checkpoint import manager as ck_manager
     from trainer.dist import DistContext
-    from trainer.engine import DDPEngine
+    from trainer.engine.ddp import DDPEngine
 
     ctx = DistContext(0, 0, 1, torch.device("cpu"), None)
     torch.manual_seed(0)
     model = torch.nn.Linear(16, 16)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     engine = DDPEngine(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), ctx)
-    manager = ck.CheckpointManager(tmp_path, ctx, async_save=True)
+    manager = ck_manager.CheckpointManager(tmp_path, ctx, async_save=True)
 
     def train_step() -> None:
         model(torch.randn(4, 16)).square().sum().backward()

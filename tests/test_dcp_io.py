@@ -1,4 +1,4 @@
-"""The direct tensor reader of our DCP loads (trainer/dcp_io.py): bitwise the same state as
+"""The direct tensor reader of our DCP loads (trainer/checkpoint/dcp_io.py): bitwise the same state as
 DCP's own reader, taken only for records that are exactly the destination's bytes."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trainer import dcp_io
+from trainer.checkpoint import dcp_io
 from trainer.dist import DistContext
-from trainer.engine import DDPEngine
+from trainer.engine.ddp import DDPEngine
 
 CTX = DistContext(0, 0, 1, torch.device("cpu"), None)
 

@@ -281,7 +281,7 @@ def _run_config(*overrides: str):
 
 @pytest.mark.parametrize("path", sorted(DS_CONFIGS.glob("*.json")), ids=lambda p: p.name)
 def test_shipped_configs_resolve_from_run_config(path):
-    from trainer.deepspeed_config import validate_deepspeed_config
+    from trainer.engine.deepspeed_config import validate_deepspeed_config
 
     cfg, derived = _run_config(f"train.deepspeed_config={path}", "train.max_grad_norm=0.7")
     ds = validate_deepspeed_config(cfg, derived, "cpu")
@@ -299,7 +299,7 @@ def test_shipped_configs_resolve_from_run_config(path):
 
 def test_conflicts_are_reported_together_naming_both_keys(tmp_path):
     from trainer.config import ConfigError
-    from trainer.deepspeed_config import validate_deepspeed_config
+    from trainer.engine.deepspeed_config import validate_deepspeed_config
 
     user = json.loads((DS_CONFIGS / "zero2.json").read_text())
     user |= {
@@ -324,7 +324,7 @@ def test_conflicts_are_reported_together_naming_both_keys(tmp_path):
 
 def test_missing_or_broken_json_is_one_line(tmp_path):
     from trainer.config import ConfigError
-    from trainer.deepspeed_config import validate_deepspeed_config
+    from trainer.engine.deepspeed_config import validate_deepspeed_config
 
     broken = tmp_path / "broken.json"
     broken.write_text("{ not json")

@@ -20,8 +20,14 @@ import pytest
 
 from tests.conftest import tiny_config_args
 from tests.launcher import REPO, _descendants, run_torchrun, torchrun_env
-from trainer import deepspeed_ops
-from trainer.deepspeed_ops import LOCK_NAME, OP_NAME, DeepSpeedOpError, lock_state, wait_for_lock
+from trainer.engine import deepspeed_ops
+from trainer.engine.deepspeed_ops import (
+    LOCK_NAME,
+    OP_NAME,
+    DeepSpeedOpError,
+    lock_state,
+    wait_for_lock,
+)
 
 # Holds a lock file the way torch's FileBaton does: O_EXCL create, descriptor kept open until
 # it has removed the file. Releases when told to on stdin; a SIGKILL leaves the file behind.
@@ -145,7 +151,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-BUILD = [sys.executable, "-m", "trainer.deepspeed_ops", "--build"]
+BUILD = [sys.executable, "-m", "trainer.engine.deepspeed_ops", "--build"]
 
 
 def test_build_killed_midway_then_next_build_names_the_stale_lock(tmp_path):

@@ -9,7 +9,8 @@ from data.loader import collate_right_pad
 from data.templates import IGNORE_INDEX, TokenizedSample
 from tests.tiny_models import CPU1, tiny_llama
 from trainer.config import OptimConfig, ScheduleConfig
-from trainer.engine import DDPEngine, count_target_tokens, token_loss_sum
+from trainer.engine.ddp import DDPEngine
+from trainer.model.loss import count_target_tokens, token_loss_sum
 from trainer.optim import build_optimizer, build_scheduler
 
 

@@ -18,7 +18,7 @@ from tests.conftest import tiny_config_args
 from tests.launcher import free_port
 from tests.tiny_models import CPU1
 from trainer.config import ModelConfig, load_config, resolve_batch, with_total_steps
-from trainer.model import ModelLoadError, build_model, build_tokenizer, check_tokenizer_fits
+from trainer.model.load import ModelLoadError, build_model, build_tokenizer, check_tokenizer_fits
 
 CPU = torch.device("cpu")
 

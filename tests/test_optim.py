@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM
 from tests.tiny_models import CPU1
 from tests.tiny_models import tiny_llama as make_tiny_llama
 from trainer.config import OptimConfig, ScheduleConfig
-from trainer.engine import DDPEngine
+from trainer.engine.ddp import DDPEngine
 from trainer.optim import build_optimizer, build_scheduler, lr_multiplier, split_decay_groups
 
 

@@ -10,7 +10,7 @@ from transformers import FalconConfig, FalconForCausalLM, OPTConfig, OPTForCausa
 
 from tests.conftest import tiny_config_args
 from tests.tiny_models import tiny_llama
-from trainer.packing_probe import PackingNotExact, check_packing_exact, packing_error
+from trainer.model.packing_probe import PackingNotExact, check_packing_exact, packing_error
 
 CPU = torch.device("cpu")
 

@@ -1,4 +1,4 @@
-"""Precision policy (trainer/precision.py): fp32 master weights under bf16, fp16 loss scaling,
+"""Precision policy (trainer/engine/precision.py): fp32 master weights under bf16, fp16 loss scaling,
 DeepSpeed's bf16 settings filled from the policy, and DDP vs ZeRO-1/2/3 under bf16 on CPU."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from tests.test_deepspeed import DS_CONFIGS, _resume_rank, ds_args
 from tests.test_distributed_training import _train_rank
 from tests.tiny_models import CPU1
 from trainer.config import ConfigError
-from trainer.precision import resolve_precision
+from trainer.engine.precision import resolve_precision
 
 REPO = Path(__file__).resolve().parent.parent
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -145,7 +145,7 @@ def set_scale(scaler: torch.amp.GradScaler, scale: float) -> None:
 def test_fp16_trains_with_a_loss_scaler_that_backs_off_on_overflow(tiny_assets, tmp_path):
     from trainer.build import build_engine
     from trainer.config import load_config, resolve_batch, with_total_steps
-    from trainer.engine import GRAD_SCALER_FILE
+    from trainer.engine.base import GRAD_SCALER_FILE
     from trainer.loop import train_step
 
     argv = tiny_config_args(tiny_assets, tmp_path, "train.precision=fp16", "model.dtype=float16")
@@ -180,7 +180,7 @@ def test_fp16_trains_with_a_loss_scaler_that_backs_off_on_overflow(tiny_assets, 
 
 def _ds_config(path: Path | str, *overrides: str):
     from trainer.config import resolve_batch
-    from trainer.deepspeed_config import validate_deepspeed_config
+    from trainer.engine.deepspeed_config import validate_deepspeed_config
 
     cfg = _config("train.backend=deepspeed", f"train.deepspeed_config={path}", *overrides)
     return validate_deepspeed_config(cfg, resolve_batch(cfg, 2), "cpu")
@@ -293,7 +293,7 @@ class _MeanOfMeans:
         return getattr(self.inner, name)
 
     def forward_backward(self, batch, loss_scale, is_last_micro_step):
-        from trainer.engine import count_target_tokens
+        from trainer.model.loss import count_target_tokens
 
         # DDP averages over ranks: the gradient is the mean of every micro-batch's mean loss.
         tokens = count_target_tokens(batch["labels"]).clamp(min=1).float()
@@ -361,7 +361,7 @@ def test_zero1_bf16_fp32_accumulation_resumes_and_exports(tiny_assets, tmp_path,
     from the bf16 weights), and the checkpoint exports (zero_to_fp32) to those fp32 masters."""
     from transformers import AutoModelForCausalLM
 
-    from trainer.deepspeed_engine import load_zero_weights_for_export
+    from trainer.engine.deepspeed_engine import load_zero_weights_for_export
 
     argv = tiny_config_args(
         tiny_assets,

@@ -167,7 +167,7 @@ def test_empty_steps_are_skipped_and_counted(tiny_assets):
     the weights through momentum and weight decay)."""
     from tests.tiny_models import CPU1, tiny_llama
     from trainer.config import OptimConfig, ScheduleConfig
-    from trainer.engine import DDPEngine
+    from trainer.engine.ddp import DDPEngine
     from trainer.loop import train_step
     from trainer.optim import build_optimizer, build_scheduler
 

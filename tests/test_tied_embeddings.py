@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from tests.tiny_models import tiny_llama
-from trainer.checkpoint import CheckpointError
+from trainer.checkpoint.files import CheckpointError
 
 
 def test_export_loads_a_tied_checkpoint_and_refuses_an_untied_one(tmp_path):
     """The name comparison in launch.export: a tied model's checkpoint holds lm_head.weight,
     which named_parameters() drops (this was `CheckpointError ... first: lm_head.weight`)."""
     from launch.export import check_ties, load_checkpoint_weights, tied_names
-    from trainer import dcp_io
-    from trainer.engine import model_fingerprint
+    from trainer.checkpoint import dcp_io
+    from trainer.engine.base import model_fingerprint
 
     trained = tiny_llama(tie_word_embeddings=True, seed=1)
     optimizer = torch.optim.AdamW(trained.parameters())

@@ -12,9 +12,9 @@ import torch
 
 from trainer.config import Derived, RunConfig
 from trainer.dist import DistContext
-from trainer.engine import DDPEngine, Engine
-from trainer.model import DTYPES, build_model
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.engine.backends import backend_for
+from trainer.engine.base import Engine
+from trainer.model.load import DTYPES
 
 
 def seed_everything(seed: int) -> None:
@@ -28,15 +28,7 @@ def seed_everything(seed: int) -> None:
 def build_engine(cfg: RunConfig, derived: Derived, ctx: DistContext) -> Engine:
     """Model -> optimizer -> schedule -> the backend's engine (train.backend)."""
     assert derived.total_steps is not None and derived.warmup_steps is not None
-    if cfg.train.backend == "deepspeed":
-        # Imported here so DDP runs never import DeepSpeed (slow, and it probes accelerators).
-        from trainer.deepspeed_engine import build_deepspeed_engine
-
-        return build_deepspeed_engine(cfg, derived, ctx)
-    model = build_model(cfg.model, ctx.device)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule, derived.total_steps, derived.warmup_steps)
-    return DDPEngine(model, optimizer, scheduler, ctx, precision=cfg.train.precision)
+    return backend_for(cfg.train.backend).build(cfg, derived, ctx)
 
 
 def output_dtype(cfg: RunConfig) -> torch.dtype:

@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from data.config import DataConfig
-from trainer.config_base import Section
+from data.config_base import Section
 
 
 class ConfigError(ValueError):
@@ -100,7 +100,7 @@ class TrainConfig(Section):
         "the compute runs in: auto = bf16 on GPU, fp32 on CPU; bf16 = bf16 (also on CPU); fp16 "
         "= fp16 with a dynamic loss scale (ddp only); fp32 = fp32. bf16-pure keeps weights, "
         "gradients and optimizer state in bf16 too (needs model.dtype=bfloat16; ddp only; "
-        "small updates round away). See trainer/precision.py.",
+        "small updates round away). See trainer/engine/precision.py.",
     )
     max_consecutive_nonfinite: int = Field(
         5,
@@ -371,7 +371,7 @@ def check_consistency(cfg: RunConfig) -> list[str]:
         problems.append("train.grad_accum_steps / train.global_batch_size: set at least one")
     if t.backend == "deepspeed" and not t.deepspeed_config:
         problems.append("train.deepspeed_config: required when train.backend is deepspeed")
-    from trainer.precision import precision_problems  # here: it imports torch
+    from trainer.engine.precision import precision_problems  # here: it imports torch
 
     problems += precision_problems(t.precision, cfg.model.dtype, t.backend)
     if t.backend == "ddp" and t.deepspeed_config:

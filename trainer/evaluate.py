@@ -15,7 +15,8 @@ import torch
 from data.loader import collate_right_pad
 from data.templates import IGNORE_INDEX, TokenizedSample
 from trainer.dist import DistContext, all_reduce_sum
-from trainer.engine import autocast_context, count_target_tokens, token_loss_sum
+from trainer.engine.base import autocast_context
+from trainer.model.loss import count_target_tokens, token_loss_sum
 
 
 def _my_share(samples: list[TokenizedSample], ctx: DistContext, limit: int | None) -> list:

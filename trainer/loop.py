@@ -28,9 +28,10 @@ from trainer.dist import (
     mark_collective,
     sum_counters,
 )
-from trainer.engine import Engine, count_target_tokens
+from trainer.engine.base import Engine
 from trainer.evaluate import eval_exact_match, eval_loss
 from trainer.metrics import MetricsWriter, Progress, peak_memory_mb
+from trainer.model.loss import count_target_tokens
 
 log = logging.getLogger("fttrain")
 

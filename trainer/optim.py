@@ -11,7 +11,7 @@ import yaml
 from torch import nn
 
 from trainer.config import OptimConfig, RunConfig, ScheduleConfig
-from trainer.model import full_shape
+from trainer.model.load import full_shape
 
 
 def split_decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -13,7 +13,7 @@ How the protocol maps onto DeepSpeed:
   norm BEFORE stepping, to decide whether to skip. `clip_grad_norm` therefore asks the ZeRO
   optimizer for the same all-reduced norm of its gradient partitions that `step()` computes
   (one extra norm pass + a scalar all-reduce per optimizer step).
-- Precision (trainer/precision.py): the trainable weights reach DeepSpeed in fp32; under bf16
+- Precision (trainer/engine/precision.py): the trainable weights reach DeepSpeed in fp32; under bf16
   DeepSpeed runs a bf16 working copy of them while its optimizer keeps the fp32 masters, and
   gradients are accumulated in fp32 (`data_types.grad_accum_dtype`). ZeRO-1 then runs on
   DeepSpeed's `BF16_Optimizer` (it keeps whole fp32 gradients on every rank and partitions the
@@ -41,13 +41,13 @@ from torch import nn
 
 from data.loader import MODEL_INPUT_KEYS
 from trainer.config import Derived, RunConfig
-from trainer.deepspeed_config import validate_deepspeed_config, zero_stage
-from trainer.deepspeed_ops import load_comm_op
 from trainer.dist import DistContext, barrier
-from trainer.engine import token_loss_sum
-from trainer.model import build_model
+from trainer.engine.deepspeed_config import validate_deepspeed_config, zero_stage
+from trainer.engine.deepspeed_ops import load_comm_op
+from trainer.engine.precision import PrecisionPolicy, cast_trainable_params, resolve_run_precision
+from trainer.model.load import build_model
+from trainer.model.loss import token_loss_sum
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.precision import PrecisionPolicy, cast_trainable_params, resolve_run_precision
 
 TAG = "ds"  # the sub-directory DeepSpeed writes its shards into
 UNIVERSAL_TAG = f"{TAG}_universal"
@@ -115,6 +115,8 @@ def _ensure_process_group(ctx: DistContext) -> None:
 
 class DeepSpeedEngine:
     """A model trained by a DeepSpeed engine with our client AdamW and LambdaLR."""
+
+    supports_async_save = False  # DeepSpeed writes its own shard files, synchronously
 
     def __init__(
         self,

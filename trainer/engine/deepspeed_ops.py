@@ -11,7 +11,7 @@ a test timeout) therefore leaves the file behind, and every later DeepSpeed run 
 Here:
 - `TORCH_EXTENSIONS_DIR` defaults to `<venv>/torch_extensions` (a value the user set is kept),
   so the op is owned by this project's venv and other venvs cannot rebuild it under us;
-  `make install` builds it (`python -m trainer.deepspeed_ops --build`).
+  `make install` builds it (`python -m trainer.engine.deepspeed_ops --build`).
 - `load_comm_op()` loads it before DeepSpeed does (DeepSpeed then reuses the loaded module),
   announcing a build, waiting for another process's build with a bound and a message, and
   turning a stale lock into `DeepSpeedOpError`, one line naming the file to remove.
@@ -295,7 +295,7 @@ def load_comm_op(wait_s: float = DEFAULT_WAIT_S) -> ModuleType | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.deepspeed_ops",
+        prog="python -m trainer.engine.deepspeed_ops",
         description="Build DeepSpeed's CPU communication op into this venv "
         "(TORCH_EXTENSIONS_DIR, default <venv>/torch_extensions).",
     )

@@ -1,7 +1,7 @@
 """DeepSpeed JSON <-> run config: fill `"auto"` values, and refuse any disagreement.
 
 The run config is the one source of truth for batch sizes, clipping, precision (through the run's
-`PrecisionPolicy`, trainer/precision.py), the optimizer and the LR schedule. A DeepSpeed JSON may
+`PrecisionPolicy`, trainer/engine/precision.py), the optimizer and the LR schedule. A DeepSpeed JSON may
 leave those keys at `"auto"` (filled here) or repeat them; a repeated value that differs is an
 error, and every such error is reported at once in one `ConfigError` whose lines name both the
 DeepSpeed key (and file) and the run-config key.
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from trainer.config import ConfigError, Derived, RunConfig
-from trainer.precision import resolve_run_precision
+from trainer.engine.precision import resolve_run_precision
 
 AUTO = "auto"
 # Sections that would replace our client AdamW / LambdaLR; DeepSpeed would silently use them.
