@@ -56,6 +56,7 @@ from trainer.model.load import (
     check_model_files,
     check_tokenizer_fits,
 )
+from trainer.model.methods import MethodError
 from trainer.model.packing_probe import PackingNotExact, check_packing_exact
 
 log = logging.getLogger("fttrain")
@@ -72,6 +73,7 @@ USER_ERRORS = (
     CheckpointSaveError,
     DeepSpeedOpError,
     PackingNotExact,
+    MethodError,
 )
 
 
@@ -287,8 +289,9 @@ def _train(
 
 
 def training_method(cfg: RunConfig) -> str:
-    """What kind of training writes the checkpoints (full-parameter today; LoRA/QLoRA later)."""
-    return "full"
+    """What kind of training writes the checkpoints (`method`): a checkpoint of one method
+    does not resume another (a LoRA checkpoint holds adapters, a full one every weight)."""
+    return cfg.method
 
 
 def describe_eval_change(history: list[dict[str, float]]) -> str:

@@ -88,6 +88,16 @@ def write_hf_model(
     tokenizer.save_pretrained(out_dir)
 
 
+def write_adapter(
+    model: Any, state: dict[str, torch.Tensor], tokenizer: Any, out_dir: Path
+) -> None:
+    """A LoRA/QLoRA run's model: the peft adapter (adapter_config.json and the adapter weights,
+    which `PeftModel.from_pretrained(base, out_dir)` loads onto the base model) and the
+    tokenizer. `state` is the full (gathered) state dict; peft keeps the adapter's entries."""
+    model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
 def chat_stop_ids(cfg: RunConfig, tokenizer: Any) -> tuple[int, ...]:
     """The end-of-turn token of a chat run's template (see write_hf_model), else nothing."""
     from data.chat import end_of_turn_id
@@ -105,7 +115,10 @@ def save_hf_model(
     that `from_pretrained` loads. Collective: under ZeRO-3 the full weights are gathered from
     every rank first."""
     state = engine.full_state_dict_for_export()
-    if ctx.is_main:
+    if ctx.is_main and cfg.method != "full":
+        assert state is not None
+        write_adapter(engine.unwrapped_model(), state, tokenizer, Path(out_dir))
+    elif ctx.is_main:
         assert state is not None
         write_hf_model(
             engine.unwrapped_model(),

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from data.config import DataConfig
 from data.config_base import Section
+from trainer.method_config import FreezeSection, LoraSection, QuantizationSection, method_problems
 
 
 class ConfigError(ValueError):
@@ -216,6 +217,14 @@ class RunConfig(Section):
     seed: int = Field(1234, description="One seed for model init, data order and dropout.")
     model: ModelConfig
     data: DataConfig
+    method: Literal["full", "lora", "qlora"] = Field(
+        "full",
+        description="full: every weight trains; lora: low-rank adapters on a frozen base "
+        "(`lora:`); qlora: the same on a base quantized with bitsandbytes (`quantization:`).",
+    )
+    lora: LoraSection = LoraSection()
+    quantization: QuantizationSection = QuantizationSection()
+    freeze: FreezeSection = FreezeSection()
     train: TrainConfig = TrainConfig()
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -376,6 +385,12 @@ def check_consistency(cfg: RunConfig) -> list[str]:
     problems += precision_problems(t.precision, cfg.model.dtype, t.backend)
     if t.backend == "ddp" and t.deepspeed_config:
         problems.append("train.deepspeed_config: only used with train.backend=deepspeed")
+    problems += method_problems(
+        cfg.method,
+        "lora" in cfg.model_fields_set,
+        "quantization" in cfg.model_fields_set,
+        cfg.freeze,
+    )
     if s.warmup_steps is not None and s.warmup_ratio is not None:
         problems.append("schedule.warmup_steps / schedule.warmup_ratio: set only one of them")
     if cfg.eval.num_generate and not cfg.data.eval_path:

@@ -48,11 +48,11 @@ class DDPBackend:
 
     def build(self, cfg: RunConfig, derived: Derived, ctx: DistContext) -> Engine:
         from trainer.engine.ddp import DDPEngine
-        from trainer.model.load import build_model
+        from trainer.model.methods import load_model
         from trainer.optim import build_optimizer, build_scheduler
 
         assert derived.total_steps is not None and derived.warmup_steps is not None
-        model = build_model(cfg.model, ctx.device)
+        model = load_model(cfg, ctx.device)
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(
             optimizer, cfg.schedule, derived.total_steps, derived.warmup_steps

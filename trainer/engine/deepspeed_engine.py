@@ -45,8 +45,8 @@ from trainer.dist import DistContext, barrier
 from trainer.engine.deepspeed_config import validate_deepspeed_config, zero_stage
 from trainer.engine.deepspeed_ops import load_comm_op
 from trainer.engine.precision import PrecisionPolicy, cast_trainable_params, resolve_run_precision
-from trainer.model.load import build_model
 from trainer.model.loss import token_loss_sum
+from trainer.model.methods import load_model
 from trainer.optim import build_optimizer, build_scheduler
 
 TAG = "ds"  # the sub-directory DeepSpeed writes its shards into
@@ -341,7 +341,7 @@ def build_deepspeed_engine(cfg: RunConfig, derived: Derived, ctx: DistContext) -
     if ctx.is_main:
         policy.log()
     _ensure_process_group(ctx)  # zero.Init inside build_model partitions over the group
-    model = build_model(cfg.model, ctx.device, deepspeed_config=ds_config)
+    model = load_model(cfg, ctx.device, deepspeed_config=ds_config)
     if zero_stage(ds_config) != 3:
         # fp32 masters: DeepSpeed builds its fp32 partitions from the module it is given (under
         # bf16 after casting it to its bf16 working copy). ZeRO-3's zero.Init already built the

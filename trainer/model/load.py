@@ -87,10 +87,14 @@ def build_tokenizer(cfg: ModelConfig) -> Any:
 
 
 def build_model(
-    cfg: ModelConfig, device: torch.device, *, deepspeed_config: dict[str, Any] | None = None
+    cfg: ModelConfig,
+    device: torch.device,
+    *,
+    deepspeed_config: dict[str, Any] | None = None,
+    **load_kwargs: Any,
 ) -> PreTrainedModel:
     """Load any HF causal LM onto `device` (weights in `model.dtype`; the engine then keeps the
-    trainable ones in its precision policy's master dtype, see trainer/precision.py).
+    trainable ones in its precision policy's master dtype, see trainer/engine/precision.py).
 
     Attention: `model.attn_implementation=auto` lets transformers pick sdpa where the model
     supports it and eager where it does not (Gemma2); both keep packed samples apart (the mask
@@ -98,7 +102,10 @@ def build_model(
 
     With a ZeRO-3 `deepspeed_config` (resolved, no "auto" left) the model is built already
     partitioned over the process group (transformers runs `deepspeed.zero.Init` and loads each
-    rank's shards), so no rank ever holds the full model."""
+    rank's shards), so no rank ever holds the full model.
+
+    `load_kwargs` go to from_pretrained as they are (the method layer's quantization config
+    and device map, trainer/model/methods.py)."""
     zero3 = None
     if deepspeed_config and deepspeed_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations.deepspeed import HfDeepSpeedConfig
@@ -118,6 +125,7 @@ def build_model(
             dtype=DTYPES[cfg.dtype],
             attn_implementation=None if asked == "auto" else asked,
             trust_remote_code=cfg.trust_remote_code,
+            **load_kwargs,
         )
     except ModelLoadError as e:
         if asked == "auto" or "attention" not in str(e).lower():
@@ -138,6 +146,8 @@ def build_model(
     if zero3 is not None:
         model.hf_deepspeed_config = zero3  # keeps the weak reference above alive
         return model  # partitioned parameters are placed by DeepSpeed, not .to()
+    if "device_map" in load_kwargs:
+        return model  # placed at load (quantized weights cannot be moved by .to())
     return model.to(device)
 
 
