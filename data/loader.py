@@ -382,6 +382,10 @@ class MapStyleStepBatches:
                 ],
                 collate_fn=self.collate,
                 num_workers=self.num_workers,
+                # Its own generator: an iterator drawn from the global RNG would move the
+                # training RNG (dropout) at a point that differs between a straight run and a
+                # resumed one (here: a new epoch vs the resume), so resume would not be exact.
+                generator=torch.Generator().manual_seed(self.seed + plan.epoch),
             )
             micro: list[Batch] = []
             steps = 0

@@ -309,6 +309,8 @@ class StreamingStepBatches:
             num_workers=workers,
             worker_init_fn=_worker_init if workers else None,
             prefetch_factor=2 if workers else None,
+            # Not the global RNG: see data/loader.py (resume must leave dropout's RNG alone).
+            generator=torch.Generator().manual_seed(self.seed + plan.epoch),
         )
 
     def __iter__(self) -> Iterator[list[Batch]]:

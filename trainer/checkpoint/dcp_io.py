@@ -270,15 +270,24 @@ class _ClearErrorsWriter(FileSystemWriter):
             raise OSError(cause.errno, cause.strerror, getattr(cause, "filename", None)) from e
 
 
-def _options(trainable_only: bool) -> StateDictOptions:
-    # Frozen base weights (LoRA/QLoRA) are not saved: they come from model.name_or_path.
-    return StateDictOptions(ignore_frozen_params=trainable_only)
+def _options(trainable_only: bool, loading: bool = False) -> StateDictOptions:
+    # Frozen base weights (LoRA/QLoRA) are not saved: they come from model.name_or_path. On
+    # load they are absent on purpose; a missing trainable tensor still fails (DCP's planner
+    # finds it missing from the checkpoint).
+    return StateDictOptions(
+        ignore_frozen_params=trainable_only, strict=not (trainable_only and loading)
+    )
 
 
 def model_optim_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool
 ) -> dict[str, Any]:
     msd, osd = get_state_dict(model, optimizer, options=_options(trainable_only))
+    if trainable_only:
+        # Entries that are not parameters of their own (bitsandbytes' 4-bit quantization
+        # state: absmax, quant_map, ...) belong to the frozen base as well.
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        msd = {k: v for k, v in msd.items() if k in trainable}
     return {"model": msd, "optim": osd}
 
 
@@ -412,7 +421,7 @@ def load_into(
         optimizer,
         model_state_dict=state["model"],
         optim_state_dict=state["optim"],
-        options=_options(trainable_only),
+        options=_options(trainable_only, loading=True),
     )
 
 
