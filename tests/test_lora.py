@@ -360,3 +360,17 @@ def test_lora_checkpoints_are_small_and_a_killed_qlora_run_resumes_bitwise(tiny_
     proc = torchrun_train(tiny_assets, straight, "train.max_steps=8", lora[0], lora[-1])
     assert proc.returncode != 0
     assert "saved by a 'qlora' run, this run is 'full' training" in proc.stdout
+
+
+def test_a_compute_dtype_the_gpu_lacks_is_refused(tiny_assets, tmp_path, monkeypatch):
+    """bf16 compute on a GPU without bf16 (V100, T4): one line naming the key. The check runs
+    before anything touches the device, so it is exercised here with the GPU's answer faked."""
+    from trainer.model.methods import MethodError, quantization_config
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    cfg = _cfg(tiny_assets, tmp_path, "method=qlora", "quantization.compute_dtype=bfloat16")
+    with pytest.raises(MethodError) as e:
+        quantization_config(cfg, "cuda", zero3=False)
+    assert "quantization.compute_dtype" in str(e.value) and "float16" in str(e.value)
+    cfg = _cfg(tiny_assets, tmp_path, "method=qlora", "quantization.compute_dtype=float16")
+    assert quantization_config(cfg, "cuda", zero3=False).bnb_4bit_compute_dtype == torch.float16
