@@ -2,10 +2,17 @@
 
 CHECKPOINT is a checkpoint directory (RUN_DIR/checkpoints/step_N) or a checkpoints root, whose
 newest valid checkpoint is taken. The model is rebuilt from the checkpoint's own config
-(`model.name_or_path`), its weights replaced by the checkpoint's, and saved with safetensors (in
-the checkpoint's `output.dtype`: by default the base model's dtype), config, generation config
-and tokenizer, ready for `AutoModelForCausalLM.from_pretrained`. Runs in one process, no GPU
-needed.
+(`model.name_or_path`, `method`), its weights replaced by the checkpoint's, and saved with
+safetensors (in the checkpoint's `output.dtype`: by default the base model's dtype), config,
+generation config and tokenizer, ready for `AutoModelForCausalLM.from_pretrained`. Runs in one
+process, no GPU needed.
+
+A LoRA/QLoRA checkpoint holds the adapters only: its export is the peft adapter
+(adapter_config.json, adapter_model.safetensors, tokenizer) that `PeftModel.from_pretrained(base,
+DIR)` loads onto the base (for qlora: the base quantized as in training). With `--merge` it is a
+full HF model instead, the adapter merged into the base (for qlora: into the dequantized 4-bit
+base, see trainer/build.py write_adapter); a full fine-tune's export is a full model already,
+and --merge changes nothing there.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,13 +28,15 @@ import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
 from data.loader import DataError, use_training_template
-from trainer.build import chat_stop_ids, output_dtype, write_hf_model
+from trainer.build import chat_stop_ids, output_dtype, write_adapter, write_hf_model
 from trainer.checkpoint.dcp_io import UnsafeCheckpointError
 from trainer.checkpoint.files import CheckpointError, describe_error, find_latest_valid, validate
 from trainer.checkpoint.manager import read_trainer_state
 from trainer.config import ConfigError, RunConfig, directory_problem
 from trainer.engine.backends import backend_for
+from trainer.engine.base import model_fingerprint
 from trainer.model.load import ModelLoadError, build_model, build_tokenizer
+from trainer.model.methods import MethodError, load_model
 
 log = logging.getLogger("fttrain")
 
@@ -73,12 +83,28 @@ def check_ties(ckpt: Path, fingerprint: dict[str, list[int]], model: torch.nn.Mo
             )
 
 
+def check_adapters(ckpt: Path, fingerprint: dict[str, list[int]], model: torch.nn.Module) -> None:
+    """The adapters the checkpoint's config builds on the model at model.name_or_path must be
+    the ones it trained, name for name and shape for shape: an adapter the checkpoint has no
+    weights for (the base gained layers since) would be exported at its initial value, a
+    silent no-op, and one it has weights for but the model lacks would be dropped."""
+    ours = model_fingerprint(model)
+    differ = sorted(n for n in set(fingerprint) | set(ours) if fingerprint.get(n) != ours.get(n))
+    if fingerprint and differ:
+        name = differ[0]
+        raise CheckpointError(
+            f"{ckpt}: the checkpoint's adapters do not fit the model at model.name_or_path "
+            f"({len(differ)} differ, first: {name}: checkpoint {fingerprint.get(name)} vs "
+            f"model {ours.get(name)})"
+        )
+
+
 def load_checkpoint_weights(ckpt: Path, model: torch.nn.Module, backend: str) -> None:
     """Replace `model`'s weights with the checkpoint's (resharded to one process)."""
     backend_for(backend).load_weights(ckpt / "engine", model)
 
 
-def export(checkpoint: Path, output: Path) -> Path:
+def export(checkpoint: Path, output: Path, merge: bool = False) -> Path:
     ckpt = resolve_checkpoint(checkpoint)
     trainer = read_trainer_state(ckpt)
     try:
@@ -87,24 +113,45 @@ def export(checkpoint: Path, output: Path) -> Path:
         cfg = RunConfig.model_validate(raw)
     except (OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{ckpt}/config.yaml: unreadable ({e})") from None
+    adapters = cfg.method != "full"
+    if merge and not adapters:
+        log.info("--merge: %s is a full fine-tune (method: full), exported in full as it is", ckpt)
+    cpu = torch.device("cpu")
     try:
-        model = build_model(cfg.model, torch.device("cpu"))
+        # A LoRA/QLoRA checkpoint's weights are the adapters: the same peft model training
+        # built (for qlora on the quantized base) holds them.
+        model = load_model(cfg, cpu) if adapters else build_model(cfg.model, cpu)
         tokenizer = build_tokenizer(cfg.model)
     except ModelLoadError as e:
         # The model path was read from the checkpoint, not typed on this command line: say where.
         raise ModelLoadError(f"{ckpt / 'config.yaml'}: {e}") from None
+    except MethodError as e:  # e.g. a qlora checkpoint where bitsandbytes cannot load
+        raise CheckpointError(f"{ckpt / 'config.yaml'}: {e}") from None
     try:
         # The chat template the run trained with (its own, an override, or the fallback) goes
         # with the export, so apply_chat_template at inference renders the training format.
         use_training_template(cfg.data, tokenizer)
     except DataError as e:
         raise CheckpointError(f"{ckpt / 'config.yaml'}: {e}") from None
-    check_ties(ckpt, trainer.get("model_fingerprint", {}), model)
+    fingerprint = trainer.get("model_fingerprint", {})
+    check_ties(ckpt, fingerprint, model)
+    if adapters:
+        check_adapters(ckpt, fingerprint, model)
     load_checkpoint_weights(ckpt, model, trainer.get("backend", "ddp"))
     output.mkdir(parents=True, exist_ok=True)
-    stop_ids = chat_stop_ids(cfg, tokenizer)
-    write_hf_model(model, model.state_dict(), tokenizer, output, output_dtype(cfg), stop_ids)
-    log.info("exported %s (step %s) to %s", ckpt, trainer.get("step"), output)
+    if adapters and merge:
+        # The merge is built from adapter files, as a user's own would be (write_adapter).
+        with tempfile.TemporaryDirectory(prefix="fttrain-adapter-") as adapter_dir:
+            write_adapter(model, model.state_dict(), tokenizer, Path(adapter_dir), output, cfg)
+        what = " (the adapter merged into the base)"
+    elif adapters:
+        write_adapter(model, model.state_dict(), tokenizer, output)
+        what = " (the adapter)"
+    else:
+        stop_ids = chat_stop_ids(cfg, tokenizer)
+        write_hf_model(model, model.state_dict(), tokenizer, output, output_dtype(cfg), stop_ids)
+        what = ""
+    log.info("exported %s (step %s) to %s%s", ckpt, trainer.get("step"), output, what)
     return output
 
 
@@ -112,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="launch.export", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path, help="checkpoint directory or checkpoints root")
     p.add_argument("--output", type=Path, required=True, help="HF model directory to write")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="LoRA/QLoRA checkpoint: write a full model with the adapter merged into the base "
+        "(QLoRA: the dequantized base) instead of the adapter; a full fine-tune is unchanged",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", force=True)
     problem = directory_problem(args.output)
@@ -119,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --output: {problem}", file=sys.stderr)
         return 2
     try:
-        export(args.checkpoint, args.output)
+        export(args.checkpoint, args.output, merge=args.merge)
     except (CheckpointError, ConfigError, ModelLoadError, UnsafeCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

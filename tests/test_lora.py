@@ -263,6 +263,7 @@ def test_options_of_another_method_are_config_errors(tiny_assets, tmp_path):
         ("lora.r=8",): "lora: LoRA options are set but method is full",
         ("method=lora", "quantization.bits=8"): "quantization: only used with method: qlora",
         ("method=qlora", "freeze.first_layers=1"): "freeze: only used with method: full",
+        ("output.merge_adapter=true",): "output.merge_adapter: only used with method: lora",
     }
     for overrides, expected in cases.items():
         with pytest.raises(ConfigError) as e:

@@ -89,13 +89,36 @@ def write_hf_model(
 
 
 def write_adapter(
-    model: Any, state: dict[str, torch.Tensor], tokenizer: Any, out_dir: Path
+    model: Any,
+    state: dict[str, torch.Tensor],
+    tokenizer: Any,
+    out_dir: Path,
+    merged_dir: Path | None = None,
+    cfg: RunConfig | None = None,
 ) -> None:
     """A LoRA/QLoRA run's model: the peft adapter (adapter_config.json and the adapter weights,
     which `PeftModel.from_pretrained(base, out_dir)` loads onto the base model) and the
-    tokenizer. `state` is the full (gathered) state dict; peft keeps the adapter's entries."""
+    tokenizer. `state` is the full (gathered) state dict; peft keeps the adapter's entries.
+
+    With `merged_dir` (and the run's `cfg`), also a full HF model there, the adapter merged into
+    the base (trainer.model.methods.merged_model, from the adapter files just written), as
+    write_hf_model writes one."""
     model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    if merged_dir is None:
+        return
+    assert cfg is not None, "merging needs the run's config (the base model, the quantization)"
+    from trainer.model.methods import merged_model
+
+    merged = merged_model(cfg, out_dir)
+    write_hf_model(
+        merged,
+        merged.state_dict(),
+        tokenizer,
+        merged_dir,
+        output_dtype(cfg),
+        chat_stop_ids(cfg, tokenizer),
+    )
 
 
 def chat_stop_ids(cfg: RunConfig, tokenizer: Any) -> tuple[int, ...]:
@@ -112,12 +135,16 @@ def save_hf_model(
     engine: Engine, tokenizer: Any, out_dir: str, ctx: DistContext, cfg: RunConfig
 ) -> None:
     """Rank 0 writes safetensors (in `output.dtype`) + config + generation config + tokenizer
-    that `from_pretrained` loads. Collective: under ZeRO-3 the full weights are gathered from
-    every rank first."""
+    that `from_pretrained` loads; a LoRA/QLoRA run writes its adapter instead (write_adapter),
+    and with `output.merge_adapter` also a merged full model beside it, in `out_dir`-merged
+    (RUN_DIR/model-merged). Collective: under ZeRO-3 the full weights are gathered from every
+    rank first."""
     state = engine.full_state_dict_for_export()
     if ctx.is_main and cfg.method != "full":
         assert state is not None
-        write_adapter(engine.unwrapped_model(), state, tokenizer, Path(out_dir))
+        out = Path(out_dir)
+        merged = out.with_name(f"{out.name}-merged") if cfg.output.merge_adapter else None
+        write_adapter(engine.unwrapped_model(), state, tokenizer, out, merged, cfg)
     elif ctx.is_main:
         assert state is not None
         write_hf_model(

@@ -210,6 +210,12 @@ class OutputConfig(Section):
         "base model's, as its config.json records it (`dtype` or `torch_dtype`; float32 if "
         "absent), whatever `model.dtype` training held the weights in.",
     )
+    merge_adapter: bool = Field(
+        False,
+        description="method lora/qlora: beside the adapter in RUN_DIR/model, also write "
+        "RUN_DIR/model-merged, a full HF model with the adapter merged into the base (qlora: "
+        "into the dequantized 4-bit base it trained against; see launch.export --merge).",
+    )
 
 
 class RunConfig(Section):
@@ -390,6 +396,7 @@ def check_consistency(cfg: RunConfig) -> list[str]:
         "lora" in cfg.model_fields_set,
         "quantization" in cfg.model_fields_set,
         cfg.freeze,
+        cfg.output.merge_adapter,
     )
     if s.warmup_steps is not None and s.warmup_ratio is not None:
         problems.append("schedule.warmup_steps / schedule.warmup_ratio: set only one of them")

@@ -70,6 +70,7 @@ def method_problems(
     lora_set: bool,
     quantization_set: bool,
     freeze: FreezeSection,
+    merge_adapter: bool = False,
 ) -> list[str]:
     """Options that do not belong to the chosen method (a typo'd method would silently train
     in full with the LoRA settings ignored)."""
@@ -82,4 +83,6 @@ def method_problems(
         problems.append(
             f"freeze: only used with method: full (with {method}, only the adapters train)"
         )
+    if method == "full" and merge_adapter:
+        problems.append("output.merge_adapter: only used with method: lora or qlora")
     return problems

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -219,6 +220,33 @@ def attach_adapters(model: nn.Module, cfg: RunConfig, zero3: bool) -> nn.Module:
                 f"layers are: {', '.join(linear_module_names(model))}"
             ) from None
         raise MethodError(f"lora: peft refused the settings ({text})") from None
+
+
+def merged_model(cfg: RunConfig, adapter_dir: Path) -> nn.Module:
+    """A plain HF model with the adapter at `adapter_dir` merged into the base, on the CPU, in
+    float32 (the only rounding is the caller's, to `output.dtype`), built from the adapter
+    files the way a user would: the base loaded as training loaded it; for qlora quantized and
+    then dequantized, which gives the very weights the adapter trained against (merging into
+    the 4-bit codes would round the update away, and the original weights differ from the
+    trained-against ones by the whole quantization error)."""
+    from peft import PeftModel
+
+    cpu = torch.device("cpu")
+    # Gradient checkpointing would only write use_cache=false into the merged model's config.
+    model_cfg = cfg.model.model_copy(update={"gradient_checkpointing": False})
+    if cfg.method == "qlora":
+        quantized = build_model(
+            model_cfg,
+            cpu,
+            quantization_config=quantization_config(cfg, cpu.type, zero3=False),
+            device_map={"": cpu},
+        )
+        # Upcasting what bitsandbytes dequantizes to (the load dtype, as in training) is exact.
+        base = quantized.dequantize(dtype=torch.float32)
+    else:
+        base = build_model(model_cfg, cpu)
+    base = base.to(torch.float32)  # norms and embeddings too: one rounding, at the end
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
 def _keep_cpu_4bit_weights_packed(model: nn.Module) -> None:
