@@ -375,3 +375,24 @@ def test_a_compute_dtype_the_gpu_lacks_is_refused(tiny_assets, tmp_path, monkeyp
     assert "quantization.compute_dtype" in str(e.value) and "float16" in str(e.value)
     cfg = _cfg(tiny_assets, tmp_path, "method=qlora", "quantization.compute_dtype=float16")
     assert quantization_config(cfg, "cuda", zero3=False).bnb_4bit_compute_dtype == torch.float16
+
+
+@pytest.mark.timeout(300)
+def test_an_8bit_run_saves_resumes_bitwise_and_exports(tiny_assets, tmp_path, ranks):
+    """LLM.int8 bases have state-dict entries that are no attribute (Linear8bitLt's SCB), which
+    torch's get_state_dict trips over: checkpoints of the adapters must not depend on them."""
+    from tests.test_checkpoint_resume import last_losses
+
+    common = ("method=qlora", "quantization.bits=8", "checkpoint.every_steps=2")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    ranks(_train_rank, 1, tiny_config_args(tiny_assets, straight, *common, "train.max_steps=4"))
+    ranks(_train_rank, 1, tiny_config_args(tiny_assets, resumed, *common, "train.max_steps=2"))
+    ranks(_train_rank, 1, tiny_config_args(tiny_assets, resumed, *common, "train.max_steps=4"))
+    assert last_losses(resumed) == last_losses(straight)
+    assert (resumed / "model" / "adapter_model.safetensors").is_file()
+
+    from launch.export import main as export_main
+
+    out = tmp_path / "exported"
+    assert export_main([str(resumed / "checkpoints"), "--output", str(out)]) == 0
+    assert (out / "adapter_config.json").is_file()

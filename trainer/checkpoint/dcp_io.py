@@ -34,7 +34,9 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_optimizer_state_dict,
     get_state_dict,
+    set_optimizer_state_dict,
     set_state_dict,
 )
 
@@ -282,12 +284,16 @@ def _options(trainable_only: bool, loading: bool = False) -> StateDictOptions:
 def model_optim_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool
 ) -> dict[str, Any]:
-    msd, osd = get_state_dict(model, optimizer, options=_options(trainable_only))
-    if trainable_only:
-        # Entries that are not parameters of their own (bitsandbytes' 4-bit quantization
-        # state: absmax, quant_map, ...) belong to the frozen base as well.
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        msd = {k: v for k, v in msd.items() if k in trainable}
+    if not trainable_only:
+        msd, osd = get_state_dict(model, optimizer, options=_options(trainable_only))
+        return {"model": msd, "optim": osd}
+    # The trainable parameters only, taken from the module itself: torch's get_state_dict
+    # looks every state-dict entry up as an attribute, and a quantized base has entries that
+    # are none (Linear8bitLt's `SCB`: it raises) or not parameters (4-bit absmax, quant_map),
+    # all of them frozen base state that comes from model.name_or_path again on resume.
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    msd = {k: v for k, v in model.state_dict().items() if k in trainable}
+    osd = get_optimizer_state_dict(model, optimizer, options=_options(trainable_only))
     return {"model": msd, "optim": osd}
 
 
@@ -416,12 +422,21 @@ def load_into(
         planner=SafeLoadPlanner(),
         no_dist=no_dist,
     )
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state["optim"],
-        options=_options(trainable_only, loading=True),
+    if not trainable_only:
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=_options(trainable_only),
+        )
+        return
+    # See model_optim_state: the frozen base is not in the checkpoint and stays as loaded.
+    missing = set(state["model"]) - set(model.state_dict())
+    assert not missing, f"trainable tensors with no place in the model: {sorted(missing)[:3]}"
+    model.load_state_dict(state["model"], strict=False)
+    set_optimizer_state_dict(
+        model, optimizer, state["optim"], options=_options(trainable_only, loading=True)
     )
 
 
