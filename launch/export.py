@@ -35,7 +35,7 @@ from trainer.checkpoint.manager import read_trainer_state
 from trainer.config import ConfigError, RunConfig, directory_problem
 from trainer.engine.backends import backend_for
 from trainer.engine.base import model_fingerprint
-from trainer.model.load import ModelLoadError, build_model, build_tokenizer
+from trainer.model.load import ModelLoadError, build_tokenizer
 from trainer.model.methods import MethodError, load_model
 
 log = logging.getLogger("fttrain")
@@ -118,9 +118,10 @@ def export(checkpoint: Path, output: Path, merge: bool = False) -> Path:
         log.info("--merge: %s is a full fine-tune (method: full), exported in full as it is", ckpt)
     cpu = torch.device("cpu")
     try:
-        # A LoRA/QLoRA checkpoint's weights are the adapters: the same peft model training
-        # built (for qlora on the quantized base) holds them.
-        model = load_model(cfg, cpu) if adapters else build_model(cfg.model, cpu)
+        # The model training built: for LoRA/QLoRA the peft model (on the quantized base)
+        # whose adapters the checkpoint holds; for a full run with `freeze:` the model whose
+        # frozen layers the checkpoint leaves out (they come from the base unchanged).
+        model = load_model(cfg, cpu)
         tokenizer = build_tokenizer(cfg.model)
     except ModelLoadError as e:
         # The model path was read from the checkpoint, not typed on this command line: say where.

@@ -396,3 +396,25 @@ def test_an_8bit_run_saves_resumes_bitwise_and_exports(tiny_assets, tmp_path, ra
     out = tmp_path / "exported"
     assert export_main([str(resumed / "checkpoints"), "--output", str(out)]) == 0
     assert (out / "adapter_config.json").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_a_full_run_with_frozen_layers_exports_the_trained_model(tiny_assets, tmp_path, ranks):
+    """Its checkpoint leaves the frozen layers out (they are the base's): the export takes them
+    from the base and the trained ones from the checkpoint, as RUN_DIR/model has them."""
+    from safetensors.torch import load_file
+
+    from launch.export import main as export_main
+
+    run = tmp_path / "run"
+    args = ("freeze.embeddings=true", "freeze.first_layers=1", "train.max_steps=2")
+    ranks(_train_rank, 1, tiny_config_args(tiny_assets, run, *args))
+    out = tmp_path / "exported"
+    assert export_main([str(run / "checkpoints"), "--output", str(out)]) == 0
+    exported = load_file(out / "model.safetensors")
+    trained = load_file(run / "model" / "model.safetensors")
+    base = load_file(tiny_assets / "model" / "model.safetensors")
+    assert exported.keys() == trained.keys()
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+    assert torch.equal(exported["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert not torch.equal(exported["lm_head.weight"], base["lm_head.weight"])

@@ -54,7 +54,7 @@ class QuantizationSection(Section):
     storage_dtype: Literal["auto", "uint8", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="dtype the packed 4-bit weights are stored in. auto: uint8, or under ZeRO-3 "
-        "the compute dtype, so that DeepSpeed can shard them like the other weights.",
+        "the compute dtype (the documented setting for sharded QLoRA; uint8 shards too).",
     )
 
 

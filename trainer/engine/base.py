@@ -78,7 +78,9 @@ class Engine(Protocol):
         ...
 
     def full_state_dict_for_export(self) -> dict[str, torch.Tensor] | None:
-        """The full (gathered) model state dict on rank 0, None on other ranks."""
+        """The full (gathered) model state dict on rank 0, None on other ranks. A LoRA/QLoRA
+        run's engine may return the trainable (adapter) entries only: that is all its model
+        directory holds, and under ZeRO-3 it spares gathering the frozen base onto rank 0."""
         ...
 
 

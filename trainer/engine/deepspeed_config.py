@@ -25,6 +25,8 @@ from trainer.engine.precision import resolve_run_precision
 AUTO = "auto"
 # Sections that would replace our client AdamW / LambdaLR; DeepSpeed would silently use them.
 _CLIENT_OWNED = {"optimizer": "optim.*", "scheduler": "schedule.*"}
+# ZeRO++ switches that quantize the weights themselves (refused with method=qlora).
+_ZERO_QUANTIZED_WEIGHTS = ("zero_quantized_weights", "zero_quantized_nontrainable_weights")
 
 
 def load_deepspeed_json(path: str | Path) -> dict[str, Any]:
@@ -140,6 +142,17 @@ def resolve_deepspeed_config(
             f"deepspeed zero_optimization.stage={stage!r} {where} conflicts with "
             "train.backend=deepspeed: must be 1, 2 or 3 (stage 0 is train.backend=ddp)"
         )
+    if cfg.method == "qlora":
+        # ZeRO++ stores or all-gathers weights re-quantized to int8 (through fp16, DeepSpeed's
+        # CUDAQuantizer); bitsandbytes' packed 4-bit / int8 weights are codes, not values, and
+        # would come back corrupted.
+        for key in _ZERO_QUANTIZED_WEIGHTS:
+            if zero.get(key):
+                problems.append(
+                    f"deepspeed zero_optimization.{key}=true {where} conflicts with "
+                    "method=qlora: ZeRO++ re-quantizes the weights to int8, which corrupts the "
+                    "bitsandbytes-quantized base; remove it (or use method=lora)"
+                )
     offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     # Our client optimizer is torch AdamW (weight-decay groups, LambdaLR); DeepSpeed refuses it
     # under offload or ZeRO unless told these two switches.

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +52,7 @@ from trainer.optim import build_optimizer, build_scheduler
 
 TAG = "ds"  # the sub-directory DeepSpeed writes its shards into
 UNIVERSAL_TAG = f"{TAG}_universal"
+log = logging.getLogger("fttrain")
 
 
 class DeepSpeedResumeError(RuntimeError):
@@ -92,6 +94,25 @@ def _mark_bf16_optimizer_checkpoints(optimizer: Any) -> None:
     optimizer.state_dict = with_stage  # type: ignore[method-assign]
 
 
+def _save_trainable_module_state_only(ds_engine: Any, keep: set[str]) -> None:
+    """Make the module state DeepSpeed writes into a checkpoint hold `keep` only (the trainable
+    parameters and the buffers). Its `exclude_frozen_parameters` drops frozen *parameters*, but
+    not the entries a layer writes beside them: a bitsandbytes `Linear4bit` adds its
+    quantization state (absmax, code maps, nested absmax) for every 4-bit weight, ~1/30 of the
+    4-bit base and, under ZeRO-3, once per rank. Resume loads the base (and quantizes it) from
+    `model.name_or_path` again, deterministically, and loads the module state non-strictly
+    (`load_state`)."""
+    module_state_dict = ds_engine.module_state_dict
+
+    def trainable_state_dict(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        state = module_state_dict(*args, **kwargs)
+        for name in [n for n in state if n not in keep]:
+            del state[name]
+        return state
+
+    ds_engine.module_state_dict = trainable_state_dict
+
+
 def _ensure_process_group(ctx: DistContext) -> None:
     """Make DeepSpeed's communication layer use our process group. `init_distributed` already
     started it under torchrun (DeepSpeed then just wraps it); a run launched without torchrun
@@ -126,7 +147,11 @@ class DeepSpeedEngine:
         ctx: DistContext,
         ds_config: dict[str, Any],
         policy: PrecisionPolicy | None = None,
+        *,
+        export_trainable_only: bool = False,
     ):
+        """`export_trainable_only`: the run's model is an adapter (LoRA/QLoRA), so
+        `full_state_dict_for_export` returns the trainable parameters only (see there)."""
         import deepspeed
 
         _ensure_process_group(ctx)
@@ -154,7 +179,11 @@ class DeepSpeedEngine:
         # The torch AdamW that ZeRO drives on its fp32 partitions (its param groups are the ones
         # our LambdaLR edits, so the schedule reaches the partitions).
         self.client_optimizer = optimizer
+        self.export_trainable_only = export_trainable_only
         _mark_bf16_optimizer_checkpoints(self.ds.optimizer)
+        if self.has_frozen:
+            buffers = {n for n, _ in model.named_buffers()}
+            _save_trainable_module_state_only(self.ds, self.trainable_names | buffers)
 
     # -- the training step --------------------------------------------------------------------
 
@@ -284,7 +313,10 @@ class DeepSpeedEngine:
 
     def full_state_dict_for_export(self) -> dict[str, torch.Tensor] | None:
         """Collective under ZeRO-3 (a gather of every partition); rank 0 gets the full state
-        dict on the CPU, other ranks None."""
+        dict on the CPU, other ranks None. An adapter run (`export_trainable_only`) gets the
+        trainable parameters only (what peft's save_pretrained keeps), see `_trainable_fp32`."""
+        if self.export_trainable_only:
+            return self._trainable_fp32()
         if self.stage == 3:
             state = self.ds._zero3_consolidated_16bit_state_dict()
         else:
@@ -303,6 +335,26 @@ class DeepSpeedEngine:
                 copies[key] = tensor.detach().cpu().clone()
             out[name] = copies[key]
         return out
+
+    def _trainable_fp32(self) -> dict[str, torch.Tensor] | None:
+        """The trainable parameters from the optimizer's fp32 masters, whole, on rank 0.
+        Collective under every stage (each is assembled from the ranks' partitions, in the same
+        order on every rank). Gathering the whole model as for a full export would put a copy of
+        the frozen base on rank 0's CPU (under ZeRO-3: the base that was sharded so that no rank
+        holds it) to write an adapter of a few MB; the masters also keep a bf16 run's adapter in
+        fp32, as the DDP backend writes it."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, param in self.ds.module.named_parameters():
+            if name not in self.trainable_names:
+                continue
+            full = safe_get_full_fp32_param(param)
+            if full is None:
+                raise RuntimeError(f"deepspeed: no fp32 master for trainable parameter {name}")
+            if self.ctx.is_main:
+                out[name] = full.detach().cpu().clone()
+        return out if self.ctx.is_main else None
 
 
 def _saved_world_size(tag_dir: Path) -> int:
@@ -342,7 +394,9 @@ def build_deepspeed_engine(cfg: RunConfig, derived: Derived, ctx: DistContext) -
         policy.log()
     _ensure_process_group(ctx)  # zero.Init inside build_model partitions over the group
     model = load_model(cfg, ctx.device, deepspeed_config=ds_config)
-    if zero_stage(ds_config) != 3:
+    if zero_stage(ds_config) == 3:
+        _reentrant_checkpointing_with_frozen_params(model, cfg)
+    else:
         # fp32 masters: DeepSpeed builds its fp32 partitions from the module it is given (under
         # bf16 after casting it to its bf16 working copy). ZeRO-3's zero.Init already built the
         # partitions in the configured dtype.
@@ -352,7 +406,33 @@ def build_deepspeed_engine(cfg: RunConfig, derived: Derived, ctx: DistContext) -
     # DeepSpeed cannot flatten an empty group (e.g. LoRA with no trainable 1-D params).
     optimizer.param_groups = [g for g in optimizer.param_groups if g["params"]]
     scheduler = build_scheduler(optimizer, cfg.schedule, derived.total_steps, derived.warmup_steps)
-    return DeepSpeedEngine(model, optimizer, scheduler, ctx, ds_config, policy)
+    return DeepSpeedEngine(
+        model,
+        optimizer,
+        scheduler,
+        ctx,
+        ds_config,
+        policy,
+        export_trainable_only=cfg.method != "full",
+    )
+
+
+def _reentrant_checkpointing_with_frozen_params(model: nn.Module, cfg: RunConfig) -> None:
+    """Under ZeRO-3, gradient checkpointing of a model with frozen parameters (LoRA/QLoRA bases,
+    `freeze:`) recomputes with torch's reentrant variant, as peers do (trl #4951, #6356).
+    The non-reentrant one (what build_model sets, and DDP keeps) validates the tensors its
+    recompute saves, and keeps frozen weights by reference, which ZeRO-3 re-partitions in place
+    to shape [0]: `CheckpointError: Recomputed values ... have different metadata`
+    (transformers #47254, DeepSpeed #4332; DeepSpeed 0.19.8 carries a fix, #8148, that CPU runs
+    here cannot show holds on GPUs). The reentrant recompute needs an input that requires grad:
+    the input embeddings' output is made to (peft's adapters already asked for it)."""
+    if not cfg.model.gradient_checkpointing or all(p.requires_grad for p in model.parameters()):
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
+    base.activation_checkpointing_enable({"use_reentrant": True})
+    if not getattr(base, "_require_grads_hooks", None):
+        base.enable_input_require_grads()
+    log.info("gradient checkpointing: reentrant (ZeRO-3 with frozen parameters)")
 
 
 def load_zero_weights_for_export(engine_dir: Path, model: nn.Module) -> None:
@@ -362,8 +442,10 @@ def load_zero_weights_for_export(engine_dir: Path, model: nn.Module) -> None:
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag=TAG)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # Buffers (e.g. rotary tables) are not in the checkpoint; parameters must all be there.
-    params = {n for n, _ in model.named_parameters()}
+    # Buffers (e.g. rotary tables) are not in the checkpoint; the trainable parameters must all
+    # be there. Frozen ones are not (a LoRA/QLoRA checkpoint holds the adapters only): `model`
+    # has them from model.name_or_path, as the run had.
+    params = {n for n, p in model.named_parameters() if p.requires_grad}
     lost = [n for n in missing if n in params]
     if lost or unexpected:
         raise RuntimeError(
