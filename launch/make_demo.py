@@ -4,6 +4,10 @@
   model/       a ~0.9M-parameter Llama in HF format (random init), with its tokenizer
   train.jsonl  synthetic instruction rows (2-digit addition, uppercasing)
   eval.jsonl   held-out rows of the same tasks
+  qlora_base_train.jsonl, qlora_base_eval.jsonl
+               the same two skills asked in other words ("what is 12 plus 34", "cat in
+               capitals"): what `make demo-qlora` first trains the model on in full, to make
+               the base its QLoRA run adapts (configs/demo_qlora_base.yaml)
 The model is saved with `save_pretrained` and training loads it back through `from_pretrained`,
 the same path a user's real checkpoint takes.
 """
@@ -16,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from data.synthetic import generate, write_jsonl
+from data.synthetic import generate, generate_paraphrased, write_jsonl
 from data.tokenizer import build_char_tokenizer
 
 
@@ -75,7 +79,15 @@ def main(argv: list[str] | None = None) -> None:
     build_tiny_model_dir(out / "model", seed=args.seed)
     write_jsonl(generate(args.num_train, args.seed, "train"), out / "train.jsonl")
     write_jsonl(generate(args.num_eval, args.seed, "eval"), out / "eval.jsonl")
-    print(f"wrote {out}/model, {out}/train.jsonl ({args.num_train} rows), {out}/eval.jsonl")
+    # The base of the QLoRA demo: its 1000 steps of 64 rows see no row twice.
+    write_jsonl(generate_paraphrased(80000, args.seed, "train"), out / "qlora_base_train.jsonl")
+    write_jsonl(
+        generate_paraphrased(args.num_eval, args.seed, "eval"), out / "qlora_base_eval.jsonl"
+    )
+    print(
+        f"wrote {out}/model, {out}/train.jsonl ({args.num_train} rows), {out}/eval.jsonl, "
+        f"{out}/qlora_base_train.jsonl, {out}/qlora_base_eval.jsonl"
+    )
 
 
 if __name__ == "__main__":
