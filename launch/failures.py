@@ -15,22 +15,33 @@ Three kinds of failure reach `report`:
 
 Under torchrun each failing worker also writes its line to `TORCHELASTIC_ERROR_FILE`, so the
 "Root Cause" section of torchrun's failure summary shows that line instead of a link.
+
+Once its process group is up, a failed rank then ends its process at once (`exit_now`, from
+`launch.train.main`), without the group's teardown and the interpreter's exit, and no wait here
+lasts more than a minute: torchrun stops the job only once a worker has exited, so a rank that
+cannot exit keeps the whole job waiting, for the collective timeout (30 minutes by default) or
+for ever.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import signal
 import sys
 import time
+from typing import Any, NoReturn
 
-from trainer.dist import is_collective
+from trainer.dist import barrier_within, is_collective
 
 # A pre-group error on rank != 0 waits at most this long for torchrun to stop it (rank 0 has
 # the same error and prints it); if nothing comes, rank 0 did not fail and this rank prints.
 PRE_GROUP_WAIT_S = 60.0
+# Every rank reaches the report of a collective error right after the same collective; this
+# bounds their wait for each other there should one of them be stuck elsewhere.
+REPORT_WAIT_S = 30.0
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention for Ctrl-C
@@ -95,9 +106,16 @@ def wait_for_torchrun_teardown(timeout_s: float) -> bool:
 
 
 def report_user_error(
-    error: BaseException, *, rank: int, world_size: int, group_alive: bool, pre_group: bool
+    error: BaseException,
+    *,
+    rank: int,
+    world_size: int,
+    group_alive: bool,
+    pre_group: bool,
+    group: Any = None,
 ) -> None:
-    """Print a user error the way the module docstring describes (may block briefly)."""
+    """Print a user error the way the module docstring describes (may block briefly). `group`:
+    the gloo group to meet on when `group_alive` (None = the default group)."""
     # A config error lists its problems one per line (each naming a key): keep that layout.
     message = str(error) if getattr(error, "problems", None) else one_line(str(error))
     if world_size == 1:
@@ -115,11 +133,9 @@ def report_user_error(
     if rank == 0:
         emit(line)
     if group_alive:
-        import torch.distributed as dist
-
-        # Rank 0 has printed once everyone is past this point; only then may anyone exit.
-        with contextlib.suppress(Exception):  # a peer already left: the line is out anyway
-            dist.barrier()
+        # Rank 0 has printed once everyone is past this point; only then may anyone exit. A
+        # peer that already left (the line is out anyway), or that does not come, ends the wait.
+        barrier_within(REPORT_WAIT_S, group)
         return
     if rank != 0:
         if under_torchrun() and wait_for_torchrun_teardown(PRE_GROUP_WAIT_S):
@@ -135,3 +151,32 @@ def report_comm_error(error: BaseException, *, rank: int) -> None:
     )
     write_error_file(line, consequence=True)
     emit(line)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End this rank's process with `code` at once, after its failure has been reported.
+
+    Not through the interpreter's exit, which joins every non-daemon thread and runs the
+    destructors of what the failed run left behind, and after a failure some of those wait for
+    other ranks or deadlock:
+
+    - a gloo process group freed on the main thread (by the DDP reducer that holds it, when
+      the error's traceback goes) joins its worker threads while holding the GIL; a worker
+      still finishing the last collective (the error agreement's all-gather) needs the GIL to
+      drop that collective's tensors. Seen: rank 1 stuck in ~ProcessGroupGloo -> thread join,
+      its gloo worker in ~AsyncAllgatherWork -> take_gil;
+    - an async checkpoint save's writer (DCP's executor thread, joined at exit) waiting in a
+      collective for a rank that is itself waiting at its exit.
+
+    No process then exits, so torchrun, which stops the other workers only when one exits,
+    never steps in. What the run must keep is on disk already: the error line (and the torchrun
+    error file), metrics (closed by the loop), published checkpoints (a save in progress is
+    left unfinished and removed at the next start). DataLoader workers are killed first: they
+    hold this rank's sockets, so the other ranks would not see it go."""
+    for child in multiprocessing.active_children():
+        with contextlib.suppress(Exception):
+            child.kill()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from trainer.dist import (
     DistContext,
     DistributedSetupError,
     gather_objects,
+    has_process_group,
     init_distributed,
     mark_collective,
     shutdown,
@@ -133,9 +135,11 @@ def prepare(argv: list[str] | None = None) -> Prepared:
     return Prepared(cfg, derived, tokenizer, train_batches, eval_set)
 
 
-def run(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None, *, own_process: bool = False) -> dict:
     """Everything `main` does, raising instead of exiting; returns the run summary. A user error
-    is reported (printed once, see launch.failures) before it propagates."""
+    is reported (printed once, see launch.failures) before it propagates. `own_process`: the
+    caller ends this process right after a failure (`main`, see failures.exit_now), so the
+    process group is left as it is: tearing it down after a failure can block."""
     world = world_from_env()
     try:
         p = prepare(argv)
@@ -148,7 +152,14 @@ def run(argv: list[str] | None = None) -> dict:
         summary = _train(p.cfg, p.derived, ctx, p.tokenizer, p.train_batches, p.eval_set)
     except BaseException as e:
         if isinstance(e, USER_ERRORS):
-            _report(e, ctx.rank, ctx.world_size, group_alive=ctx.distributed, pre_group=False)
+            _report(
+                e,
+                ctx.rank,
+                ctx.world_size,
+                group_alive=ctx.distributed,
+                pre_group=False,
+                group=ctx.cpu_group,
+            )
         elif failures.is_comm_error(e) and not getattr(e, "reported", False):
             if ctx.rank == 0:  # one line for the whole job; the other ranks' would repeat it
                 failures.report_comm_error(e, rank=ctx.rank)
@@ -157,7 +168,8 @@ def run(argv: list[str] | None = None) -> dict:
                     f"error: rank {ctx.rank} lost contact with another rank", consequence=True
                 )
             e.reported = True  # type: ignore[attr-defined]
-        shutdown(ctx, clean=False)
+        if not own_process:
+            shutdown(ctx, clean=False)
         raise
     # Only after _train's objects (the DDP reducer holds the process group) are gone.
     shutdown(ctx, clean=True)
@@ -165,12 +177,23 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def _report(
-    e: BaseException, rank: int, world_size: int, *, group_alive: bool, pre_group: bool
+    e: BaseException,
+    rank: int,
+    world_size: int,
+    *,
+    group_alive: bool,
+    pre_group: bool,
+    group: Any = None,
 ) -> None:
     if getattr(e, "reported", False):
         return
     failures.report_user_error(
-        e, rank=rank, world_size=world_size, group_alive=group_alive, pre_group=pre_group
+        e,
+        rank=rank,
+        world_size=world_size,
+        group_alive=group_alive,
+        pre_group=pre_group,
+        group=group,
     )
     e.reported = True  # type: ignore[attr-defined]
 
@@ -315,8 +338,16 @@ def describe_eval_change(history: list[dict[str, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    def end(code: int) -> int:
+        # A run that failed with its process group up (run() leaves it so) ends its process
+        # here and now (failures.exit_now): what the failure left behind (gloo worker threads,
+        # a checkpoint writer inside a collective) could keep it, and so the job, from exiting.
+        if has_process_group():
+            failures.exit_now(code)
+        return code
+
     try:
-        run(argv)
+        run(argv, own_process=True)
     except KeyboardInterrupt:
         # The second Ctrl-C (the first one asks for a save at the next step boundary).
         if world_rank_or_zero() == 0:
@@ -324,14 +355,17 @@ def main(argv: list[str] | None = None) -> int:
                 "error: interrupted: stopped at once without saving; rerun the same command "
                 "to resume from the last checkpoint"
             )
-        return failures.EXIT_INTERRUPTED
+        return end(failures.EXIT_INTERRUPTED)
     except USER_ERRORS as e:
         if not getattr(e, "reported", False):  # e.g. an inconsistent launch environment
             failures.report_user_error(e, rank=0, world_size=1, group_alive=False, pre_group=True)
-        return failures.EXIT_USER_ERROR
+        return end(failures.EXIT_USER_ERROR)
     except Exception as e:
         if getattr(e, "reported", False):  # a lost peer, already said in one line
-            return 1
+            return end(1)
+        if has_process_group():  # a bug: its traceback is the useful part
+            traceback.print_exc()
+            end(1)
         raise
     return 0
 

@@ -4,6 +4,7 @@ async saves on 2 ranks, Ctrl-C, an error on one rank only, and what a resumed ru
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +186,64 @@ def test_error_on_one_rank_reaches_the_user_naming_it(tiny_assets, tmp_path, cas
     assert not worker_frames(proc.stdout), proc.stdout[-3000:]
     # torchrun's own failure summary points at the same line instead of a link.
     assert f"traceback : {errors[0]}" in proc.stdout, proc.stdout[-2000:]
+
+
+SLOW_FSYNC = '''\
+"""Loaded by the workers of a test run (first on PYTHONPATH): the checkpoint storage is slow, so
+what a background thread writes there with fsync (an async checkpoint save) takes minutes."""
+import os
+import threading
+import time
+
+_fsync = os.fsync
+
+
+def fsync(fd):
+    if threading.current_thread() is not threading.main_thread():
+        open(os.path.join(os.path.dirname(__file__), f"slow-{os.getpid()}"), "w").close()
+        time.sleep(600)
+    return _fsync(fd)
+
+
+os.fsync = fsync
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_error_on_one_rank_ends_the_job_while_a_checkpoint_is_being_written(tiny_assets, tmp_path):
+    """Rank 1 hits an unreadable row at step 2 while step 1's async checkpoint save is still
+    being written (slow storage): the job ends at once with the one error line. Every rank used
+    to wait at its exit for the background writer (DCP's executor thread), so no worker exited
+    and torchrun never stopped the job. With fast storage the same run hung about once in ten:
+    a rank deadlocked at exit freeing its gloo group (see launch.failures.exit_now), the other
+    waited for it inside the writer's collective."""
+    from data.prepare import prepare
+
+    shards = tmp_path / "shards"
+    prepare(str(tiny_assets / "train.jsonl"), str(shards), shard_size="8rows")
+    shard = rank1_shard(shards, 2)
+    break_index(shards / f"shard-{shard:05d}.jsonl.idx")
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SLOW_FSYNC)
+    env = torchrun_env()
+    env["PYTHONPATH"] = f"{hooks}{os.pathsep}{env['PYTHONPATH']}"
+    extra = [
+        "data.shuffle_window=8",
+        f"data.train_path={shards}",
+        "data.bad_rows=strict",
+        "checkpoint.async_save=true",
+        "checkpoint.every_steps=1",  # step 1's save is in flight when step 2 fails
+    ]
+    argv = ["-m", "launch.train", *tiny_config_args(tiny_assets, tmp_path / "run", *COMMON)]
+    proc = run_torchrun([*argv, *extra], nproc=2, timeout=120, env=env)  # not 600 s
+    assert proc.returncode != 0
+    errors = [x for x in proc.stdout.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "(rank 1)" in errors[0], proc.stdout[-3000:]
+    assert f"shard-{shard:05d}.jsonl" in errors[0]
+    assert not worker_frames(proc.stdout), proc.stdout[-3000:]
+    # A rank's writer was inside the slow write of step 1's checkpoint (else this tested
+    # nothing): that rank used to wait for it at exit. Whether the other rank's writer got there
+    # before the error ended the job is a race, so one suffices.
+    assert list(hooks.glob("slow-*")), "no rank's background writer reached the slow write"

@@ -161,10 +161,31 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
+def barrier_within(timeout_s: float, group: Any = None) -> bool:
+    """A barrier on `group` (a gloo group; None = the default group) that gives up after
+    `timeout_s`: False when a peer did not arrive in time or is gone. For a run that is ending,
+    where waiting the whole collective timeout (30 minutes by default) for a rank that is not
+    coming would be a hang. A barrier that timed out stays pending in the group: the caller must
+    not tear the group down afterwards (its destructor would wait for it), only exit."""
+    try:
+        work = dist.barrier(group=group, async_op=True)
+        work.wait(timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception:  # noqa: BLE001 - timed out or a peer left: either way, stop waiting
+        return False
+    return True
+
+
+def has_process_group() -> bool:
+    """Whether this process has a process group (started, and not torn down)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def shutdown(ctx: DistContext, clean: bool = True) -> None:
     """Tear the process group down. On a clean exit every rank first meets at a barrier and
     frees what still references the group (a gloo group destroyed while a peer is still using
-    it, or freed after destroy, can block this process from exiting)."""
+    it, or freed after destroy, can block this process from exiting). After a failure
+    (`clean=False`) that can happen all the same: a process that exits right after a failure
+    skips this and ends with `launch.failures.exit_now` instead."""
     if not (ctx.distributed and dist.is_initialized()):
         return
     if clean:
