@@ -12,10 +12,15 @@ after the workers' output. Here:
   at the end of the current step (a second Ctrl-C aborts them); this prints one line and exits
   with 128 + the signal number (130 for Ctrl-C), the shell's convention for a stopped job.
   Rerunning the same command resumes.
+- SIGUSR1 / SIGUSR2 (a Slurm warning signal) reached the launcher: it passes the signal on to
+  the workers and keeps waiting for them, however long their checkpoint takes; they save and
+  exit 0 (and under Slurm, requeue the job: see trainer/slurm.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 
@@ -39,12 +44,52 @@ def parse(argv: list[str]):  # -> argparse.Namespace, typed loosely: torch's par
     return args
 
 
+# Signals that this launcher passes on to its workers and otherwise ignores: a Slurm warning
+# signal (sbatch --signal=USR1@T) or `scancel --signal=USR1` asks the workers to save and stop,
+# which can take longer than torchrun's shutdown window. torchrun itself would die of them
+# (their default action) or, when listed in --signals-to-handle, stop the workers after
+# --shutdown-timeout (30 s) whether their checkpoint is written or not.
+FORWARDED = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _children() -> list[int]:
+    """This process's child processes (the workers), from /proc (Linux)."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                # pid (comm) state ppid ...: comm may hold spaces, so split after its ')'.
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if ppid == me:
+            found.append(int(entry))
+    return found
+
+
+def _forward(signum: int, frame: object) -> None:
+    for pid in _children():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def forward_stop_signals(handled: str) -> None:
+    """Pass USR1/USR2 on to the workers, except those torchrun was told to handle itself."""
+    names = {name.strip() for name in handled.split(",")}
+    for sig in FORWARDED:
+        if sig.name not in names:
+            signal.signal(sig, _forward)
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import run
 
     args = parse(sys.argv[1:] if argv is None else argv)
+    forward_stop_signals(getattr(args, "signals_to_handle", "") or "")
     try:
         run(args)
     except ChildFailedError as e:

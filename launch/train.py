@@ -20,6 +20,7 @@ from typing import Any
 from data.build import build_eval_dataset, build_train_batches
 from data.loader import DataError
 from launch import failures
+from trainer import slurm
 from trainer.build import build_engine, save_hf_model, seed_everything
 from trainer.checkpoint.checkpointing import Checkpointing
 from trainer.checkpoint.files import CheckpointError, CheckpointSaveError
@@ -173,6 +174,10 @@ def run(argv: list[str] | None = None, *, own_process: bool = False) -> dict:
         raise
     # Only after _train's objects (the DDP reducer holds the process group) are gone.
     shutdown(ctx, clean=True)
+    if summary.get("requeue") and ctx.is_main:
+        # Last: requeueing ends this job (Slurm stops its processes), and the checkpoint it
+        # resumes from is complete on every rank by now.
+        summary["requeued"] = slurm.requeue(p.cfg.slurm.max_requeues)
     return summary
 
 
@@ -262,6 +267,7 @@ def _train(
                 evaluator=evaluator,
                 state=state,
                 on_step_end=checkpointing.on_step_end,
+                start_scalars=_slurm_scalars(ctx),
             )
             if not result.stopped:
                 checkpointing.finish(result.state)
@@ -279,10 +285,17 @@ def _train(
     }
     if result.stopped:
         summary["stopped"] = True
+        # The Slurm warning signal (time limit, preemption) reached a rank: requeue the job.
+        summary["requeue"] = bool(
+            checkpointing.requeue_requested and cfg.slurm.requeue and slurm.job_id()
+        )
         if ctx.is_main:
             log.warning(
-                "stopped at step %d on request; rerun the same command to resume",
+                "stopped at step %d on request; %s",
                 result.state.step,
+                f"requeueing Slurm job {slurm.job_id()}, which resumes from this checkpoint"
+                if summary["requeue"]
+                else "rerun the same command to resume",
             )
         return summary
     summary_path, model_dir = run_dir / "summary.json", run_dir / "model"
@@ -309,6 +322,16 @@ def _train(
             json.dumps({k: v for k, v in summary.items() if k not in ("eval", "data")}),
         )
     return summary
+
+
+def _slurm_scalars(ctx: DistContext) -> dict[str, float] | None:
+    """Under Slurm, how many times the job was requeued (in TensorBoard at each start)."""
+    job = slurm.job_id()
+    if job is None:
+        return None
+    if ctx.is_main:
+        log.info("Slurm job %s, restart %d", job, slurm.restart_count())
+    return {"slurm/restart_count": float(slurm.restart_count())}
 
 
 def training_method(cfg: RunConfig) -> str:

@@ -118,6 +118,35 @@ def test_ctrl_c_saves_exits_cleanly_and_resumes_bitwise(tiny_assets, tmp_path, s
     assert same_weights(run_dir, straight)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_usr1_to_the_launcher_reaches_the_workers_which_save_and_resume_bitwise(
+    tiny_assets, tmp_path, straight
+):
+    """A Slurm warning signal (SIGUSR1) sent to launch.run alone: it does not die of it (its
+    default action) nor stop the workers after torchrun's shutdown window; it passes it on, the
+    workers save at the end of their step and exit 0, and so does the launcher. Outside Slurm
+    nothing is requeued; rerunning resumes bitwise."""
+    import signal
+
+    run_dir = tmp_path / "usr1"
+    metrics = run_dir / "metrics.jsonl"
+
+    def past_step_3() -> bool:
+        return metrics.exists() and metrics.read_text().count("train/loss") >= 3
+
+    proc = launch(tiny_assets, run_dir, signal_when=past_step_3, signum=signal.SIGUSR1)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert proc.stdout.count("SIGUSR1 received: saving a checkpoint") == 1, proc.stdout[-3000:]
+    assert "rerun the same command to resume" in proc.stdout
+    [ckpt] = (run_dir / "checkpoints").glob("step_*")
+    assert 3 <= int(ckpt.name.split("_")[1]) < STEPS
+    proc = launch(tiny_assets, run_dir)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert logged(run_dir) == logged(straight)
+    assert same_weights(run_dir, straight)
+
+
 # ---------------------------------------------------------------------------------------------
 # An error on one rank only. Shards of 8 rows and a shuffle window of 8: each step, rank 1
 # reads all 8 rows of one shard and rank 0 those of another.

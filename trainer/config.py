@@ -218,6 +218,36 @@ class OutputConfig(Section):
     )
 
 
+class SlurmConfig(Section):
+    """How a run behaves as a Slurm job (launch.submit, slurm/train.sbatch, or srun)."""
+
+    signal: str = Field(
+        "SIGUSR1",
+        description="The warning signal Slurm sends before the time limit or a preemption "
+        "(sbatch --signal=USR1@SECONDS; launch.submit sets it). It stops the run like "
+        "checkpoint.stop_signals (a checkpoint at the end of the step on every rank), and then "
+        "the job requeues itself when slurm.requeue is true.",
+    )
+    requeue: bool = Field(
+        True,
+        description="Under Slurm, after a stop on slurm.signal, rank 0 runs `scontrol requeue` "
+        "for its job; the requeued job resumes from that checkpoint. A stop on SIGTERM "
+        "(scancel, or a preemption Slurm requeues by itself) never requeues.",
+    )
+    max_requeues: int = Field(
+        20,
+        ge=0,
+        description="Requeue at most this many times (the job's SLURM_RESTART_COUNT); beyond "
+        "it the job ends after its checkpoint, and submitting it again resumes.",
+    )
+    signal_delay_s: int = Field(
+        300,
+        ge=10,
+        description="launch.submit: how long before the time limit Slurm sends slurm.signal. "
+        "Leave enough for one step and a checkpoint save.",
+    )
+
+
 class RunConfig(Section):
     run_dir: str = Field("runs/default", description="Where logs, checkpoints and the model go.")
     seed: int = Field(1234, description="One seed for model init, data order and dropout.")
@@ -238,6 +268,7 @@ class RunConfig(Section):
     logging: LoggingConfig = LoggingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     output: OutputConfig = OutputConfig()
+    slurm: SlurmConfig = SlurmConfig()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,6 +436,10 @@ def check_consistency(cfg: RunConfig) -> list[str]:
     for name in cfg.checkpoint.stop_signals:
         if not isinstance(getattr(signal, name, None), signal.Signals):
             problems.append(f"checkpoint.stop_signals: {name!r} is not a signal name")
+    if not isinstance(getattr(signal, cfg.slurm.signal, None), signal.Signals):
+        problems.append(f"slurm.signal: {cfg.slurm.signal!r} is not a signal name (e.g. SIGUSR1)")
+    elif cfg.slurm.signal in ("SIGINT", "SIGKILL", "SIGSTOP"):
+        problems.append(f"slurm.signal: {cfg.slurm.signal} cannot be the warning signal")
     if cfg.eval.every_steps and not cfg.data.eval_path:
         problems.append("eval.every_steps: needs data.eval_path")
     run_dir_problem = directory_problem(Path(cfg.run_dir))

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trainer.slurm import SlurmSetupError, SlurmStep, step_from_env
+
 # The default of `train.collective_timeout_s` (trainer/config.py): 30 minutes, torch's own.
 DEFAULT_TIMEOUT_S = 1800.0
 
@@ -41,6 +43,8 @@ class WorldInfo:
     rank: int
     local_rank: int
     world_size: int
+    # Set when the ranks are the tasks of an `srun` step (no torchrun): where they meet.
+    slurm: SlurmStep | None = None
 
 
 @dataclass(frozen=True)
@@ -73,11 +77,18 @@ class DistContext:
 
 
 def world_from_env(env: dict[str, str] | None = None) -> WorldInfo:
-    """Rank/world size from torchrun's variables; world size 1 when none are set."""
+    """Rank/world size from torchrun's variables, else from those of an `srun` step with
+    several tasks (one rank per task, see trainer.slurm); world size 1 when neither is set."""
     env = dict(os.environ) if env is None else env
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
     present = [n for n in names if n in env]
     if not present:
+        try:
+            step = step_from_env(env)
+        except SlurmSetupError as e:
+            raise DistributedSetupError(str(e)) from None
+        if step is not None:
+            return WorldInfo(step.rank, step.local_rank, step.world_size, slurm=step)
         return WorldInfo(rank=0, local_rank=0, world_size=1)
     missing = [n for n in names if n not in env]
     if missing:
@@ -94,13 +105,41 @@ def world_from_env(env: dict[str, str] | None = None) -> WorldInfo:
     return info
 
 
+def cuda_index(local_rank: int, visible: int | None = None) -> int:
+    """The GPU of the process with this local rank. When each process sees only its own GPU
+    (Slurm's --gpus-per-task, or CUDA_VISIBLE_DEVICES set per process) that is GPU 0, whatever
+    the local rank; when every process sees all of the node's GPUs, it is the local rank."""
+    visible = torch.cuda.device_count() if visible is None else visible
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise DistributedSetupError(
+            f"local rank {local_rank} has no GPU of its own: this process sees {visible} GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start "
+            "one process per GPU, or give each process its own GPU"
+        )
+    return local_rank
+
+
 def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
     """Start the process group if launched with several ranks; pick the device. `timeout_s`
     (`train.collective_timeout_s`) bounds every collective of this run, the groups made later
     included: a rank that waits longer for the others fails instead of hanging."""
     info = world_from_env()
+    if info.slurm is not None:
+        # torch's env:// rendezvous (and DeepSpeed) read torchrun's variables: give them the
+        # step's, so that the rest of the run cannot tell srun from torchrun.
+        step = info.slurm
+        os.environ.update(
+            RANK=str(step.rank),
+            WORLD_SIZE=str(step.world_size),
+            LOCAL_RANK=str(step.local_rank),
+            LOCAL_WORLD_SIZE=str(step.local_world_size),
+            MASTER_ADDR=step.master_addr,
+            MASTER_PORT=str(step.master_port),
+        )
     if torch.cuda.is_available():
-        device = torch.device("cuda", info.local_rank)
+        device = torch.device("cuda", cuda_index(info.local_rank))
         torch.cuda.set_device(device)
         backend = "nccl"
     else:

@@ -300,9 +300,11 @@ def train(
     evaluator: Callable[[Engine], dict[str, float]] | None = None,
     state: TrainState | None = None,
     on_step_end: Callable[[TrainState, StepResult], bool] | None = None,
+    start_scalars: dict[str, float] | None = None,
 ) -> TrainResult:
     """Run from `state.step` to `derived.total_steps`. `on_step_end` runs after every step on
-    every rank (checkpointing plugs in there); it returns True to stop the run early."""
+    every rank (checkpointing plugs in there); it returns True to stop the run early.
+    `start_scalars` are logged once at the starting step (e.g. the Slurm restart count)."""
     assert derived.total_steps is not None
     total = derived.total_steps
     state = state or TrainState()
@@ -311,6 +313,8 @@ def train(
         run_dir, enabled=ctx.is_main, tensorboard=cfg.logging.tensorboard, start_step=state.step
     )
     _carry_over(result, writer)
+    if start_scalars:
+        writer.write(state.step, start_scalars)
     progress = Progress(
         total, state.step, ctx.is_main, cfg.logging.progress_bar, cfg.logging.every_steps
     )

@@ -61,14 +61,20 @@ class _StopRequest:
     """Turns the configured signals into a flag checked at step boundaries. A second SIGINT
     (Ctrl-C pressed again while the save is pending) aborts at once with KeyboardInterrupt."""
 
-    def __init__(self, names: list[str], announce: bool = True):
+    def __init__(self, names: list[str], announce: bool = True, requeue_signal: str = ""):
         import signal
 
         self.requested = 0
+        # Whether this rank received the Slurm warning signal (slurm.signal) at any point: a
+        # stop on it requeues the job, whichever signal came first.
+        self.requeue_signum = int(getattr(signal, requeue_signal)) if requeue_signal else 0
+        self.requeue_seen = False
         self.announce = announce  # one rank tells the user; the others would repeat it
         self.previous = {}
         # Ctrl-C always means "save and stop" (twice: abort), whatever stop_signals lists.
-        for name in dict.fromkeys([*names, "SIGINT"]):
+        for name in dict.fromkeys(
+            [*names, *([requeue_signal] if requeue_signal else []), "SIGINT"]
+        ):
             sig = getattr(signal, name)
             self.previous[sig] = signal.signal(sig, self._handle)
 
@@ -85,6 +91,8 @@ class _StopRequest:
 
         if signum == signal.SIGINT and self.requested == signal.SIGINT:
             raise KeyboardInterrupt
+        if signum == self.requeue_signum:
+            self.requeue_seen = True
         if not self.requested:
             self.requested = signum
             if not self.announce:
@@ -127,7 +135,11 @@ class Checkpointing:
             async_save=c.async_save,
             fault_hook=lambda point, step: faults.maybe_fail(point, step, ctx.rank),
         )
-        self.stop = _StopRequest(c.stop_signals, announce=ctx.is_main)
+        self.stop = _StopRequest(
+            c.stop_signals, announce=ctx.is_main, requeue_signal=cfg.slurm.signal
+        )
+        # Set when the run stops: whether any rank received slurm.signal (see launch.train).
+        self.requeue_requested = False
         self.total_steps = total_steps
         self.blocked_seconds: list[float] = []
 
@@ -251,14 +263,15 @@ class Checkpointing:
         self.manager.poll()
         # A CPU tensor on the gloo checkpoint group: a small host-side collective per step, no
         # device sync. Any rank's signal stops every rank at the same step.
-        stop = torch.tensor([self.stop.requested])
+        stop = torch.tensor([self.stop.requested, int(self.stop.requeue_seen)])
         if self.ctx.distributed:
             dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self.manager.group)
-        if int(stop.item()):
+        if int(stop[0].item()):
+            self.requeue_requested = bool(stop[1].item())
             if self.ctx.is_main:
                 log.warning(
                     "stop requested (signal %d): saving at step %d and exiting",
-                    int(stop.item()),
+                    int(stop[0].item()),
                     state.step,
                 )
             self.save(state)
