@@ -7,6 +7,11 @@ parts and calls the one `train()`. It holds no training logic.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    from trainer import early_signals
+
+    early_signals.install()
+
 import argparse
 import json
 import logging
@@ -360,7 +365,10 @@ def describe_eval_change(history: list[dict[str, float]]) -> str:
     return "; ".join(parts)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, summary_out: dict | None = None) -> int:
+    """The CLI: train, and return the process exit code. `summary_out`, when given, receives
+    the run summary (launch.submit reads whether the run stopped and requeued its job)."""
+
     def end(code: int) -> int:
         # A run that failed with its process group up (run() leaves it so) ends its process
         # here and now (failures.exit_now): what the failure left behind (gloo worker threads,
@@ -370,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
     try:
-        run(argv, own_process=True)
+        summary = run(argv, own_process=True)
+        if summary_out is not None:
+            summary_out.update(summary)
     except KeyboardInterrupt:
         # The second Ctrl-C (the first one asks for a save at the next step boundary).
         if world_rank_or_zero() == 0:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests import launcher
+from tests.slurm_cluster import slurm_cluster  # noqa: F401
 from trainer.engine.deepspeed_ops import use_project_extensions_dir
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

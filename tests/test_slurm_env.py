@@ -221,3 +221,33 @@ def test_srun_tasks_without_torchrun_form_one_run_and_a_signal_to_one_task_reque
     assert "requeueing Slurm job 9001" in outs[0]
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [r["slurm/restart_count"] for r in rows if "slurm/restart_count" in r] == [0.0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_warning_signal_while_the_process_starts_stops_it_after_the_first_step(
+    tiny_assets, tmp_path
+):
+    """SIGUSR1 half a second after start (torch is still being imported) used to kill the
+    process: its default action. Now it is remembered; the run stops after its first step with a
+    checkpoint and exits 0."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import tiny_config_args
+    from tests.launcher import REPO, torchrun_env
+
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "launch.train", *tiny_config_args(tiny_assets, run_dir)]
+    proc = subprocess.Popen(
+        argv, cwd=REPO, env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=100)
+    text = out.decode()
+    assert proc.returncode == 0, text[-3000:]
+    assert "SIGUSR1 received" in text
+    assert [p.name for p in (run_dir / "checkpoints").glob("step_*")] == ["step_00000001"]

@@ -3,14 +3,17 @@
 Points: `micro_step` (inside gradient accumulation, before the last micro-step of `step`),
 `after_engine_state` (a checkpoint's shards are written, nothing else), `before_marker`
 (files and hashes done, no marker yet), `before_latest` (published, `latest` not yet updated).
-Action `kill` (SIGKILL this process, the default) or `raise` (an exception). Unset: no cost
-beyond one environment lookup per step.
+Action `kill` (SIGKILL this process, the default) or `raise` (an exception).
+`FTTRAIN_STEP_DELAY_S=S` makes every step S seconds slower (at the `micro_step` point), for
+tests that must signal a run while it trains (Slurm time limits). Unset: no cost beyond two
+environment lookups per step.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 
 class InjectedFault(RuntimeError):
@@ -27,6 +30,9 @@ def _parse(spec: str) -> tuple[str, int, int | None, str]:
 
 def maybe_fail(point: str, step: int, rank: int) -> None:
     spec = os.environ.get("FTTRAIN_FAULT")  # read per call so a test can set it at any time
+    delay = os.environ.get("FTTRAIN_STEP_DELAY_S")  # slow steps, for tests that need time
+    if delay:
+        time.sleep(float(delay))
     if not spec:
         return
     want_point, want_step, want_rank, action = _parse(spec)

@@ -72,11 +72,16 @@ class _StopRequest:
         self.announce = announce  # one rank tells the user; the others would repeat it
         self.previous = {}
         # Ctrl-C always means "save and stop" (twice: abort), whatever stop_signals lists.
+        from trainer import early_signals
+
         for name in dict.fromkeys(
             [*names, *([requeue_signal] if requeue_signal else []), "SIGINT"]
         ):
             sig = getattr(signal, name)
             self.previous[sig] = signal.signal(sig, self._handle)
+        for sig in early_signals.take():  # received while the process was starting
+            if sig in self.previous:  # a stop signal of this run: stop after the first step
+                self._handle(sig, None)
 
     def restore(self) -> None:
         """Put back the handlers that were there before (the run is over)."""
