@@ -113,7 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         name = signal.Signals(e.sigval).name
         print(
             f"launch.run: stopped by {name}; the workers saved a checkpoint at the end of their "
-            "step unless an error is shown above. Rerun the same command to resume.",
+            "step unless an error is shown above. "
+            + (
+                "A job that Slurm requeues resumes from it by itself."
+                if os.environ.get("SLURM_JOB_ID")
+                else "Rerun the same command to resume."
+            ),
             file=sys.stderr,
             flush=True,
         )

@@ -4,6 +4,7 @@ a cluster: host lists, the world of an srun step, the GPU of each task, and requ
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -251,3 +252,48 @@ def test_a_warning_signal_while_the_process_starts_stops_it_after_the_first_step
     assert proc.returncode == 0, text[-3000:]
     assert "SIGUSR1 received" in text
     assert [p.name for p in (run_dir / "checkpoints").glob("step_*")] == ["step_00000001"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_more_signals_during_the_save_change_nothing(tiny_assets, tmp_path, fake_scontrol):
+    """A storm of SIGUSR1 and SIGTERM to both tasks, before and while they save: one stop, one
+    checkpoint that verifies, one requeue, exit 0; resuming from it ends bitwise equal to a run
+    that was never stopped."""
+    import signal
+    import time
+
+    from tests.launcher import free_port
+
+    extra = ("train.max_steps=40", "checkpoint.every_steps=1000")
+    straight = tmp_path / "straight" / "run"
+    straight.parent.mkdir()
+    _finish(_srun_like(tiny_assets, straight, free_port(), *extra, env={}))
+
+    run_dir = tmp_path / "stormy" / "run"
+    run_dir.parent.mkdir()
+    slow = {"FTTRAIN_STEP_DELAY_S": "0.1"}
+    procs = _srun_like(tiny_assets, run_dir, free_port(), *extra, env=slow)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("train/loss") >= 5):
+        assert time.monotonic() < deadline and procs[0][0].poll() is None, "run did not start"
+        time.sleep(0.05)
+    for sig in [signal.SIGUSR1, signal.SIGTERM] * 6:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.send_signal(sig)
+        time.sleep(0.03)
+    outs = _finish(procs)
+    assert outs[0].count("stopped at step") == 1, outs[0][-3000:]
+    [ckpt] = (run_dir / "checkpoints").glob("step_*")
+    assert (ckpt / "COMPLETE").is_file()
+    assert fake_scontrol.read_text().splitlines() == ["requeue 9001"]
+
+    outs = _finish(_srun_like(tiny_assets, run_dir, free_port(), *extra, env={}))
+    assert f"resumed from {ckpt}" in outs[0], outs[0][-3000:]  # checksums verified on load
+    losses = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["train/loss"]) for r in losses if "train/loss" in r] == [
+        (r["step"], r["train/loss"]) for r in reference if "train/loss" in r
+    ]

@@ -197,8 +197,9 @@ class CheckpointConfig(Section):
         ["SIGTERM", "SIGUSR1"],
         description="Signals that make the run save a checkpoint at the end of the current "
         "step and exit 0 (preemption, time limits). SIGINT (Ctrl-C) always does, and a second "
-        "Ctrl-C aborts without saving. Under torchrun, also pass --signals-to-handle so it "
-        "forwards signals other than SIGTERM/SIGINT.",
+        "Ctrl-C aborts without saving. launch.run passes SIGUSR1/SIGUSR2 on to its workers; "
+        "plain torchrun forwards them only with --signals-to-handle (and then stops the "
+        "workers after its --shutdown-timeout, saved or not).",
     )
 
 
@@ -231,8 +232,8 @@ class SlurmConfig(Section):
     requeue: bool = Field(
         True,
         description="Under Slurm, after a stop on slurm.signal, rank 0 runs `scontrol requeue` "
-        "for its job; the requeued job resumes from that checkpoint. A stop on SIGTERM "
-        "(scancel, or a preemption Slurm requeues by itself) never requeues.",
+        "for its job; the requeued job resumes from that checkpoint. A stop on another signal "
+        "(SIGTERM from scancel, or a preemption Slurm requeues by itself) never requeues.",
     )
     max_requeues: int = Field(
         20,
