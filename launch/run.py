@@ -84,6 +84,7 @@ def forward_stop_signals(handled: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    forward_stop_signals("")  # first: importing torch below takes seconds
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import run
@@ -127,4 +128,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    # The workers are gone: a late warning signal must not kill this process while it exits
+    # (Python puts the default action back during shutdown, and USR1's kills).
+    for sig in FORWARDED:
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(exit_code)

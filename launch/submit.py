@@ -44,6 +44,11 @@ class TrainJob:
         os.chdir(self.workdir)
         summary: dict = {}
         code = train.main([self.config, *self.overrides], summary_out=summary)
+        # The run is over: a warning signal now would start submitit's handler (put back by the
+        # run), which requeues the job, or kill the process as it exits.
+        from trainer import early_signals
+
+        early_signals.ignore()
         if code != 0:
             raise RuntimeError(f"training failed (exit code {code}); the error is in the log")
         if summary.get("requeue") and summary.get("requeued", True):

@@ -411,4 +411,6 @@ def world_rank_or_zero() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    early_signals.ignore()  # the run is over: a late warning signal must not kill the exit
+    sys.exit(exit_code)

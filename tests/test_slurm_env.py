@@ -297,3 +297,38 @@ def test_more_signals_during_the_save_change_nothing(tiny_assets, tmp_path, fake
     assert [(r["step"], r["train/loss"]) for r in losses if "train/loss" in r] == [
         (r["step"], r["train/loss"]) for r in reference if "train/loss" in r
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_warning_signals_while_a_finished_run_exits_do_not_fail_it(tiny_assets, tmp_path):
+    """Slurm's time-limit warning can land after the last step, while the process exits. Python
+    puts the default action (kill) back while it shuts down: the job used to end FAILED (signal
+    SIGUSR1) after a complete run. SIGUSR1 sent every 5 ms from the final log line on: exit 0."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import tiny_config_args
+    from tests.launcher import REPO, torchrun_env
+
+    argv = [sys.executable, "-m", "launch.train", *tiny_config_args(tiny_assets, tmp_path / "r")]
+    proc = subprocess.Popen(
+        argv, cwd=REPO, env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    seen = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen.append(line.decode(errors="replace"))
+        if " done: " in seen[-1]:
+            break
+    sent = 0
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        proc.send_signal(signal.SIGUSR1)
+        sent += 1
+        time.sleep(0.005)
+    proc.stdout.read()
+    proc.wait(timeout=30)
+    assert sent > 0 and proc.returncode == 0, (proc.returncode, "".join(seen)[-2000:])

@@ -34,3 +34,12 @@ def take() -> list[int]:
     received = list(_received)
     _received.clear()
     return received
+
+
+def ignore() -> None:
+    """Ignore EARLY signals from now on: for a process whose run is over. A Slurm warning that
+    comes while it exits must not kill it (the job would end FAILED after a complete run);
+    Python resets its own handlers to the default action while the interpreter shuts down, but
+    leaves an ignored signal ignored."""
+    for sig in EARLY:
+        signal.signal(sig, signal.SIG_IGN)
