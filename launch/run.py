@@ -23,6 +23,8 @@ import contextlib
 import os
 import signal
 import sys
+import threading
+import time
 
 EXIT_SIGNAL_BASE = 128
 
@@ -69,10 +71,49 @@ def _children() -> list[int]:
     return found
 
 
-def _forward(signum: int, frame: object) -> None:
-    for pid in _children():
+# A signal that came before the workers existed (the launcher still importing torch, or the
+# workers not started yet) is passed on once they have run for WORKER_GRACE_S: long enough to
+# have installed their own handler (launch.train does that before importing anything).
+WORKER_GRACE_S = 2.0
+_pending: list[int] = []
+_pending_lock = threading.Lock()
+
+
+def _send(pids: list[int], signum: int) -> None:
+    for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
+
+
+def _forward_later() -> None:
+    first_seen: dict[int, float] = {}
+    deadline = time.monotonic() + 3600
+    while time.monotonic() < deadline:
+        now = time.monotonic()
+        children = _children()
+        for pid in children:
+            first_seen.setdefault(pid, now)
+        ready = [pid for pid in children if now - first_seen[pid] >= WORKER_GRACE_S]
+        if ready:
+            with _pending_lock:
+                signals, _pending[:] = list(_pending), []
+            for signum in signals:
+                _send(ready, signum)
+            return
+        time.sleep(0.2)
+
+
+def _forward(signum: int, frame: object) -> None:
+    children = _children()
+    if children:
+        _send(children, signum)
+        return
+    with _pending_lock:
+        start = not _pending
+        if signum not in _pending:
+            _pending.append(signum)
+    if start:
+        threading.Thread(target=_forward_later, name="forward-signals", daemon=True).start()
 
 
 def forward_stop_signals(handled: str) -> None:

@@ -147,6 +147,29 @@ def test_usr1_to_the_launcher_reaches_the_workers_which_save_and_resume_bitwise(
     assert same_weights(run_dir, straight)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_usr1_before_the_workers_exist_is_passed_on_when_they_do(tiny_assets, tmp_path):
+    """A Slurm warning that reaches launch.run while it is still starting (no workers yet)
+    is not lost: once the workers run, they get it and stop after their first step, saved."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "early"
+    # 0.5 s: past the interpreter's own start (before any handler can exist), long before the
+    # launcher has imported torch and started workers (seconds).
+    start = time.monotonic()
+    proc = launch(
+        tiny_assets,
+        run_dir,
+        signal_when=lambda: time.monotonic() - start > 0.5,
+        signum=signal.SIGUSR1,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "SIGUSR1 received" in proc.stdout, proc.stdout[-3000:]
+    assert [p.name for p in (run_dir / "checkpoints").glob("step_*")] == ["step_00000001"]
+
+
 # ---------------------------------------------------------------------------------------------
 # An error on one rank only. Shards of 8 rows and a shuffle window of 8: each step, rank 1
 # reads all 8 rows of one shard and rank 0 those of another.
