@@ -71,6 +71,14 @@ def scalars(run_dir: Path, key: str) -> list[tuple[int, float]]:
     return [(r["step"], r[key]) for r in rows if key in r]
 
 
+def tensorboard_values(run_dir: Path, key: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return [e.value for e in acc.Scalars(key)]
+
+
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "model" / "model.safetensors")
 
@@ -242,9 +250,9 @@ def test_a_preempted_job_saves_requeues_resumes_and_ends_bitwise(preempted, stra
     assert stops and all(0 < s < STEPS for s in stops), logs[-4000:]
     if CASES[case]:
         assert stops[0] >= CASES[case]  # each case stopped at its own step
-    assert [v for _, v in scalars(run_dir, "slurm/restart_count")] == [
-        float(i) for i in range(restarts + 1)
-    ]
+    counts = [float(i) for i in range(restarts + 1)]
+    assert [v for _, v in scalars(run_dir, "slurm/restart_count")] == counts
+    assert tensorboard_values(run_dir, "slurm/restart_count") == counts
     assert scalars(run_dir, "train/loss") == scalars(straight, "train/loss")
     assert same_weights(run_dir, straight)
     assert not j["leftovers"], f"processes outlived the job: {j['leftovers']}"
