@@ -285,6 +285,7 @@ def _train(
         "empty_steps": result.state.num_empty_steps,
         "final_loss": result.final_loss,
         "train_seconds": round(time.time() - started, 2),
+        **result.throughput,  # tokens/s, TFLOP/s per device and MFU over the logged windows
         "eval": result.eval_history,
         "data": result.data_totals,
     }

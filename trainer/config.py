@@ -103,6 +103,24 @@ class TrainConfig(Section):
         "gradients and optimizer state in bf16 too (needs model.dtype=bfloat16; ddp only; "
         "small updates round away). See trainer/engine/precision.py.",
     )
+    loss_impl: Literal["auto", "naive", "chunked", "liger", "cce"] = Field(
+        "auto",
+        description="How the training loss is computed (trainer/model/loss.py). naive: from the "
+        "model's full logits upcast to fp32 (batch x seq x vocab floats, kept until backward); "
+        "chunked: from the final hidden states and the output head's weight, "
+        "train.loss_chunk_tokens tokens at a time, recomputed in backward; auto: chunked "
+        "where the model's head allows it (a plain Linear whose output the model returns "
+        "unchanged), else naive, logged at start; liger / cce: the fused kernels of Liger "
+        "Kernel / Cut Cross-Entropy (pip install liger-kernel / cut-cross-entropy; CUDA "
+        "only). Evaluation always uses the logits.",
+    )
+    loss_chunk_tokens: int = Field(
+        512,
+        ge=1,
+        description="train.loss_impl chunked: target tokens per chunk. One chunk's logits take "
+        "chunk x vocab x 4 bytes (0.25 GB at 512 tokens and a 128k vocabulary); smaller "
+        "saves memory, larger runs fewer, bigger matmuls.",
+    )
     max_consecutive_nonfinite: int = Field(
         5,
         ge=1,
@@ -159,6 +177,13 @@ class LoggingConfig(Section):
     tensorboard: bool = Field(True, description="Write TensorBoard event files.")
     progress_bar: Literal["auto", "on", "off"] = Field(
         "auto", description="auto = a bar when stderr is a terminal, log lines otherwise."
+    )
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="Peak TFLOP/s of one device, the denominator of train/mfu. null: the dense "
+        "bf16 peak of a known NVIDIA GPU (trainer/flops.py); on CPU or another GPU MFU is not "
+        "logged.",
     )
 
     @field_validator("progress_bar", mode="before")

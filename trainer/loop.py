@@ -30,7 +30,8 @@ from trainer.dist import (
 )
 from trainer.engine.base import Engine
 from trainer.evaluate import eval_exact_match, eval_loss
-from trainer.metrics import MetricsWriter, Progress, peak_memory_mb
+from trainer.flops import model_flops_per_token, num_attention_pairs, resolve_peak_tflops
+from trainer.metrics import MetricsWriter, Progress, Throughput, peak_memory_mb
 from trainer.model.loss import count_target_tokens
 
 log = logging.getLogger("fttrain")
@@ -72,8 +73,10 @@ class StepResult:
     grad_norm: float
     skipped: bool  # non-finite loss or gradient norm: the update was not applied
     num_target_tokens: int
-    num_input_tokens: int
+    num_input_tokens: int  # non-pad, over all ranks
     empty: bool = False  # no target token in the global batch: the update was not applied
+    num_total_tokens: int = 0  # every input position, padding included, over all ranks
+    num_attention_pairs: int = 0  # query-key pairs of the real samples (trainer/flops.py)
 
 
 @dataclass
@@ -83,6 +86,7 @@ class TrainResult:
     eval_history: list[dict[str, float]] = field(default_factory=list)
     data_totals: dict[str, float] = field(default_factory=dict)  # summed over ranks, at the end
     stopped: bool = False  # True when a stop was requested (signal) before the last step
+    throughput: dict[str, float] = field(default_factory=dict)  # this invocation's mean rates
     previous_loss: float | None = None  # the last loss logged before a resume (rank 0)
 
     @property
@@ -115,12 +119,15 @@ def train_step(
     ctx = engine.ctx
     # Token counts come from CPU labels; one all-reduce on the CPU group gives the global count
     # that every rank must divide by before its first backward (no device sync to read it).
-    local = torch.zeros(3, dtype=torch.float64)
+    # The throughput counts (all tokens, attention pairs) ride on the same all-reduce.
+    local = torch.zeros(5, dtype=torch.float64)
     for b in micro_batches:
         local[0] += count_target_tokens(b["labels"])
         local[1] += num_real_tokens(b)
+        local[3] += b["input_ids"].numel()
+        local[4] += num_attention_pairs(b)
     local[2] = 1.0 if data_error is not None else 0.0
-    num_target, num_input, num_failed = all_reduce_sum(ctx, local).tolist()
+    num_target, num_input, num_failed, num_total, num_pairs = all_reduce_sum(ctx, local).tolist()
     if num_failed:
         raise_agreed_data_error(ctx, data_error, int(num_failed))
     loss_scale = torch.tensor(ctx.world_size / max(num_target, 1.0), dtype=torch.float32).to(
@@ -144,7 +151,16 @@ def train_step(
     nonfinite = not (math.isfinite(loss) and math.isfinite(norm))
     empty = num_target == 0
     engine.optimizer_step(skip=nonfinite or empty)
-    return StepResult(loss, norm, nonfinite, int(num_target), int(num_input), empty)
+    return StepResult(
+        loss,
+        norm,
+        nonfinite,
+        int(num_target),
+        int(num_input),
+        empty,
+        num_total_tokens=int(num_total),
+        num_attention_pairs=int(num_pairs),
+    )
 
 
 def raise_agreed_data_error(ctx: DistContext, error: str | None, num_failed: int) -> None:
@@ -319,11 +335,20 @@ def train(
         total, state.step, ctx.is_main, cfg.logging.progress_bar, cfg.logging.every_steps
     )
     data_metrics = getattr(train_batches, "metrics", None)
+    flops = model_flops_per_token(engine.unwrapped_model(), cfg.data.seq_len)
+    peak, peak_source = resolve_peak_tflops(
+        cfg.logging.peak_tflops, ctx.device, fp32_compute=cfg.train.precision == "fp32"
+    )
+    if ctx.is_main:
+        log.info("%s; %s", flops.describe(), peak_source)
+    throughput = Throughput(flops, peak, ctx.world_size)
 
     def run_eval() -> None:
         if evaluator is None:
             return
+        eval_start = time.perf_counter()
         scores = evaluator(engine)
+        throughput.exclude(time.perf_counter() - eval_start)  # rates are of training alone
         result.eval_history.append({"step": state.step, **scores})
         writer.write(state.step, scores)
         progress.write(
@@ -335,7 +360,6 @@ def train(
         run_eval()
     engine.train()
     batches: Iterator[list[Batch]] = iter(train_batches)
-    window_start, window_tokens = time.perf_counter(), 0
     try:
         while state.step < total:
             step_start = time.perf_counter()
@@ -351,7 +375,7 @@ def train(
             step_time = time.perf_counter() - step_start
             state.step += 1
             state.tokens_seen += res.num_input_tokens
-            window_tokens += res.num_input_tokens
+            throughput.add_step(res.num_input_tokens, res.num_total_tokens, res.num_attention_pairs)
             result.losses.append(res.loss if not (res.skipped or res.empty) else float("nan"))
             if res.empty:
                 check_empty_step(cfg, ctx, state, data_metrics)
@@ -378,12 +402,11 @@ def train(
                 state.consecutive_nonfinite = 0
 
             if state.step % cfg.logging.every_steps == 0 or state.step == total:
-                elapsed = time.perf_counter() - window_start
                 scalars = {
                     "train/loss": res.loss,
                     "train/lr": lr,
                     "train/grad_norm": res.grad_norm,
-                    "train/tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                    **throughput.scalars(),
                     "train/tokens_seen": float(state.tokens_seen),
                     "train/step_time_s": step_time,
                     "train/memory_mb": peak_memory_mb(ctx.device),
@@ -393,15 +416,14 @@ def train(
                 if data_metrics is not None:
                     scalars |= {f"data/{k}": v for k, v in data_totals(ctx, data_metrics()).items()}
                 writer.write(state.step, scalars)
-                window_start, window_tokens = time.perf_counter(), 0
-                progress.update(
-                    state.step,
-                    {
-                        "loss": f"{res.loss:.4f}",
-                        "lr": f"{scalars['train/lr']:.2e}",
-                        "tok/s": f"{scalars['train/tokens_per_s']:.0f}",
-                    },
-                )
+                shown = {
+                    "loss": f"{res.loss:.4f}",
+                    "lr": f"{scalars['train/lr']:.2e}",
+                    "tok/s": f"{scalars['train/nonpad_tokens_per_s']:.0f}",  # per device
+                }
+                if "train/mfu" in scalars:
+                    shown["mfu"] = f"{scalars['train/mfu']:.1%}"
+                progress.update(state.step, shown)
             if (
                 cfg.eval.every_steps
                 and state.step % cfg.eval.every_steps == 0
@@ -415,6 +437,7 @@ def train(
             run_eval()
         if data_metrics is not None:
             result.data_totals = data_totals(ctx, data_metrics())
+        result.throughput = throughput.summary()
     finally:
         progress.close()
         writer.close()

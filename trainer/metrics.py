@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from trainer.flops import FlopsPerToken
+
 log = logging.getLogger("fttrain")
 
 
@@ -112,6 +114,76 @@ class MetricsWriter:
             self.tb.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+class Throughput:
+    """Token and FLOP rates over a window (the steps since the last log) and over all of this
+    invocation's windows (for summary.json). Counts arrive summed over ranks; "per device" is
+    that over the world size: the mean device. Evaluation time is left out of the windows.
+
+    - tokens_per_s: every token the devices ran, padding included, per device;
+    - nonpad_tokens_per_s: real tokens per device; tokens_per_s_total: all tokens, all ranks;
+    - tflops_per_device: model FLOPs (trainer/flops.py) on the real tokens per second;
+    - mfu: that over the device's peak, only when the peak is known."""
+
+    def __init__(self, flops: FlopsPerToken, peak_tflops: float | None, world_size: int):
+        self.flops = flops
+        self.peak_tflops = peak_tflops
+        self.world_size = world_size
+        self.window_start = time.perf_counter()
+        self._window = self._zero()
+        self._run = self._zero()
+
+    @staticmethod
+    def _zero() -> dict[str, float]:
+        return {"seconds": 0.0, "tokens": 0.0, "nonpad_tokens": 0.0, "flops": 0.0}
+
+    def add_step(self, num_tokens: int, num_total_tokens: int, num_attention_pairs: int) -> None:
+        """A step's global counts: real tokens, all tokens (padding too), query-key pairs."""
+        self._window["tokens"] += num_total_tokens
+        self._window["nonpad_tokens"] += num_tokens
+        self._window["flops"] += self.flops.flops(num_tokens, num_attention_pairs)
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (an evaluation) out of the current window."""
+        self.window_start += seconds
+
+    def _rates(self, counts: dict[str, float]) -> dict[str, float]:
+        per_device = 1.0 / (max(counts["seconds"], 1e-9) * self.world_size)
+        tflops = counts["flops"] * per_device / 1e12
+        rates = {
+            "tokens_per_s": counts["tokens"] * per_device,
+            "nonpad_tokens_per_s": counts["nonpad_tokens"] * per_device,
+            "tokens_per_s_total": counts["tokens"] * per_device * self.world_size,
+            "tflops_per_device": tflops,
+        }
+        if self.peak_tflops is not None:
+            rates["mfu"] = tflops / self.peak_tflops
+        return rates
+
+    def scalars(self) -> dict[str, float]:
+        """The window's rates as `train/*` scalars; the next window starts now."""
+        now = time.perf_counter()
+        self._window["seconds"] = now - self.window_start
+        for key, value in self._window.items():
+            self._run[key] += value
+        rates = self._rates(self._window)
+        self._window, self.window_start = self._zero(), now
+        return {f"train/{k}": v for k, v in rates.items()}
+
+    def summary(self) -> dict[str, float]:
+        """The run's rates over all its logged windows (time-weighted); empty if none."""
+        if not self._run["seconds"]:
+            return {}
+        rates = self._rates(self._run)
+        out = {
+            "tokens_per_s_per_device": rates["tokens_per_s"],
+            "nonpad_tokens_per_s_per_device": rates["nonpad_tokens_per_s"],
+            "tflops_per_device": rates["tflops_per_device"],
+        }
+        if "mfu" in rates:
+            out["mfu"] = rates["mfu"]
+        return out
 
 
 class Progress:

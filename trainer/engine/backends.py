@@ -57,7 +57,15 @@ class DDPBackend:
         scheduler = build_scheduler(
             optimizer, cfg.schedule, derived.total_steps, derived.warmup_steps
         )
-        return DDPEngine(model, optimizer, scheduler, ctx, precision=cfg.train.precision)
+        return DDPEngine(
+            model,
+            optimizer,
+            scheduler,
+            ctx,
+            precision=cfg.train.precision,
+            loss_impl=cfg.train.loss_impl,
+            loss_chunk_tokens=cfg.train.loss_chunk_tokens,
+        )
 
     def load_weights(self, engine_dir: Path, model: nn.Module) -> None:
         from trainer.checkpoint import dcp_io

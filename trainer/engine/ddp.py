@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,9 @@ from trainer.engine.precision import (
     cast_trainable_params,
     resolve_precision,
 )
-from trainer.model.loss import token_loss_sum
+from trainer.model.loss import DEFAULT_CHUNK_TOKENS, build_train_loss
+
+log = logging.getLogger("fttrain")
 
 
 class DDPEngine:
@@ -42,7 +45,11 @@ class DDPEngine:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         ctx: DistContext,
         precision: str | PrecisionPolicy = "auto",
+        loss_impl: str = "auto",
+        loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ):
+        """`loss_impl`, `loss_chunk_tokens`: train.loss_impl / train.loss_chunk_tokens (see
+        trainer.model.loss.build_train_loss)."""
         self.ctx = ctx
         self.module = model
         self.optimizer = optimizer
@@ -63,6 +70,9 @@ class DDPEngine:
         else:
             self.model = model
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.loss = build_train_loss(model, loss_impl, loss_chunk_tokens, ctx.device)
+        if ctx.is_main:
+            log.info("%s", self.loss.describe())
         self._stager: dcp_io.ReusedStagingBuffers | None = None  # kept across async saves
 
     def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -72,9 +82,13 @@ class DDPEngine:
             if k in batch
         }
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _run_model(self, batch: dict[str, torch.Tensor]) -> Any:
+        # Through DDP's forward (when distributed): its reducer must see this forward.
         with autocast_context(self.ctx, self.policy):
-            return self.model(**self._model_inputs(batch), use_cache=False).logits
+            return self.model(**self._model_inputs(batch), use_cache=False)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._run_model(batch).logits
 
     def forward_backward(
         self, batch: dict[str, torch.Tensor], loss_scale: torch.Tensor, is_last_micro_step: bool
@@ -82,10 +96,9 @@ class DDPEngine:
         sync = contextlib.nullcontext()
         if isinstance(self.model, DDP) and not is_last_micro_step:
             sync = self.model.no_sync()  # all-reduce gradients only once per optimizer step
-        labels = batch["labels"].to(self.ctx.device, non_blocking=True)
+        labels = batch["labels"]  # on the CPU: the loss moves what it needs (see TrainLoss)
         with sync:
-            logits = self.forward(batch)
-            loss_sum = token_loss_sum(logits, labels)
+            loss_sum = self.loss(lambda: self._run_model(batch), labels)
             loss = loss_sum * loss_scale
             if self.scaler is not None:
                 loss = self.scaler.scale(loss)

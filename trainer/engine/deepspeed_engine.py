@@ -46,7 +46,7 @@ from trainer.dist import DistContext, barrier
 from trainer.engine.deepspeed_config import validate_deepspeed_config, zero_stage
 from trainer.engine.deepspeed_ops import load_comm_op
 from trainer.engine.precision import PrecisionPolicy, cast_trainable_params, resolve_run_precision
-from trainer.model.loss import token_loss_sum
+from trainer.model.loss import DEFAULT_CHUNK_TOKENS, build_train_loss
 from trainer.model.methods import load_model
 from trainer.optim import build_optimizer, build_scheduler
 
@@ -149,9 +149,12 @@ class DeepSpeedEngine:
         policy: PrecisionPolicy | None = None,
         *,
         export_trainable_only: bool = False,
+        loss_impl: str = "auto",
+        loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ):
         """`export_trainable_only`: the run's model is an adapter (LoRA/QLoRA), so
-        `full_state_dict_for_export` returns the trainable parameters only (see there)."""
+        `full_state_dict_for_export` returns the trainable parameters only (see there).
+        `loss_impl`, `loss_chunk_tokens`: train.loss_impl / train.loss_chunk_tokens."""
         import deepspeed
 
         _ensure_process_group(ctx)
@@ -184,6 +187,12 @@ class DeepSpeedEngine:
         if self.has_frozen:
             buffers = {n for n, _ in model.named_buffers()}
             _save_trainable_module_state_only(self.ds, self.trainable_names | buffers)
+        # After initialize: under bf16 the module is DeepSpeed's bf16 working copy. The chunked
+        # loss runs inside the head's forward, so under ZeRO-3 the head's own hooks gather its
+        # weight for it (and again before its backward) and release it after.
+        self.loss = build_train_loss(self.ds.module, loss_impl, loss_chunk_tokens, ctx.device)
+        if ctx.is_main:
+            log.info("%s", self.loss.describe())
 
     # -- the training step --------------------------------------------------------------------
 
@@ -194,10 +203,13 @@ class DeepSpeedEngine:
             if k in batch
         }
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _run_model(self, batch: dict[str, torch.Tensor]) -> Any:
         # No autocast: under bf16 DeepSpeed holds the module in bf16 itself (fp32 masters in the
         # optimizer); under fp32 there is nothing to cast.
-        return self.ds(**self._model_inputs(batch), use_cache=False).logits
+        return self.ds(**self._model_inputs(batch), use_cache=False)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._run_model(batch).logits
 
     def forward_backward(
         self, batch: dict[str, torch.Tensor], loss_scale: torch.Tensor, is_last_micro_step: bool
@@ -205,9 +217,8 @@ class DeepSpeedEngine:
         # ZeRO reduces (stage 2/3: reduce-scatters) as it goes; the boundary tells it when the
         # accumulated partitions are final (and, under offload, when to move them to the CPU).
         self.ds.set_gradient_accumulation_boundary(is_last_micro_step)
-        labels = batch["labels"].to(self.ctx.device, non_blocking=True)
-        logits = self.forward(batch)
-        loss_sum = token_loss_sum(logits, labels)
+        labels = batch["labels"]  # on the CPU: the loss moves what it needs (see TrainLoss)
+        loss_sum = self.loss(lambda: self._run_model(batch), labels)
         # scale_wrt_gas=False: loss_scale already normalizes over all micro-steps and ranks.
         self.ds.backward(loss_sum * loss_scale.to(loss_sum.device), scale_wrt_gas=False)
         return loss_sum.detach()
@@ -414,6 +425,8 @@ def build_deepspeed_engine(cfg: RunConfig, derived: Derived, ctx: DistContext) -
         ds_config,
         policy,
         export_trainable_only=cfg.method != "full",
+        loss_impl=cfg.train.loss_impl,
+        loss_chunk_tokens=cfg.train.loss_chunk_tokens,
     )
 
 

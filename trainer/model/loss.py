@@ -1,11 +1,50 @@
-"""The causal-LM loss as a sum over target tokens (the loop normalizes by the global count)."""
+"""The causal-LM loss as a sum over target tokens (the loop normalizes by the global count).
+
+Two ways to compute the same number:
+
+- `token_loss_sum(logits, labels)`: from the model's logits, upcast to fp32. Simple, and what
+  evaluation uses; but training keeps the B x T x V fp32 logits (and their log-softmax) alive
+  until backward: ~7 GB per 4,096-token sequence at a 128k vocabulary.
+- `chunked_token_loss_sum(hidden, weight, labels)`: from the final hidden states and the output
+  head's weight, a few hundred tokens at a time, recomputing each chunk's logits in backward
+  instead of storing them. Only one chunk of logits exists at any time.
+
+Training picks one per model (`build_train_loss`, `train.loss_impl`). The hidden states are taken
+where the head receives them: for one forward, the head's `forward` is swapped for one that
+computes the loss and returns it in place of the logits. The model's own forward (through DDP's
+or DeepSpeed's wrapper) still runs, so DDP's gradient hooks and ZeRO-3's gather/release hooks
+on the head module fire as they do for the logits, and a tied head (lm_head.weight IS
+embed_tokens.weight) gets both contributions in one backward. Models that change the logits after
+the head (Gemma2's softcapping, Cohere's logit scale, ...) or whose head is not a plain Linear
+(a LoRA-wrapped or quantized head) keep the naive path.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from data.templates import IGNORE_INDEX
+from trainer.config import ConfigError
+
+LossImpl = Literal["auto", "naive", "chunked", "liger", "cce"]  # train.loss_impl
+
+# Tokens per chunk of the chunked loss: at a 128k vocabulary one chunk's logits are 0.25 GB in
+# fp32, below the head's own weight gradient (vocab x hidden) for any hidden size >= 512, and a
+# [512, hidden] x [hidden, vocab] matmul is still large enough to keep a GPU busy.
+DEFAULT_CHUNK_TOKENS = 512
+
+# train.loss_impl -> (module to import, PyPI package)
+_FUSED_LIBRARIES = {
+    "liger": ("liger_kernel", "liger-kernel"),
+    "cce": ("cut_cross_entropy", "cut-cross-entropy"),
+}
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -23,3 +62,337 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def count_target_tokens(labels: torch.Tensor) -> torch.Tensor:
     """Tokens that carry loss in a micro-batch (after the causal shift)."""
     return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunked loss
+
+
+def chunked_token_loss_sum(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head_bias: torch.Tensor | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """`token_loss_sum(hidden @ W.T + b, labels)` without the [B, T, V] logits.
+
+    `hidden` [B, T, H] are the final hidden states (the head's input), `lm_head_weight` [V, H].
+    The logits are computed in the compute dtype (the autocast dtype under autocast, else the
+    hidden states' dtype), one chunk of `chunk_tokens` target tokens at a time, upcast to fp32
+    for the cross-entropy, and recomputed in backward. Returns an fp32 (fp64 for fp64 inputs)
+    scalar."""
+    kept_hidden, targets = _kept_positions(hidden, labels)
+    compute_dtype = _compute_dtype(hidden)
+    with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen explicitly
+        return _ChunkedLinearCrossEntropy.apply(
+            kept_hidden, lm_head_weight, lm_head_bias, targets, chunk_tokens, compute_dtype
+        )
+
+
+def _kept_positions(
+    hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states of the positions that carry loss [N, H] and their targets [N]: position
+    t predicts label t + 1, the last position predicts nothing."""
+    batch, seq, width = hidden.shape
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    # Dropping the ignored positions (prompt, padding) spares them both vocab-sized matmuls,
+    # forward and backward. nonzero's size depends on the data: on a GPU tensor it would be a
+    # host sync per micro-step, so it is taken on the CPU labels the batch arrives with, and the
+    # indices go to the device without waiting (pinned, non-blocking).
+    kept = torch.nonzero(targets != IGNORE_INDEX).squeeze(1)
+    targets = targets.index_select(0, kept)
+    if kept.device != hidden.device:
+        if hidden.device.type == "cuda":
+            kept, targets = kept.pin_memory(), targets.pin_memory()
+        kept = kept.to(hidden.device, non_blocking=True)
+        targets = targets.to(hidden.device, non_blocking=True)
+    return hidden.reshape(batch * seq, width).index_select(0, kept), targets
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmul would run in: what autocast casts a Linear to, if it is on."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
+
+
+def _chunk_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    if bias is None:
+        return hidden @ weight.T
+    return torch.addmm(bias, hidden, weight.T)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ W.T + b, target_i) over [N, H] hidden states with no ignored targets.
+
+    Per chunk, the cross-entropy is computed as F.cross_entropy does (log-softmax: the row max m,
+    lse = m + log(sum(exp(x - m))), loss = lse - x[target]), but in place in the chunk's fp32
+    logits, so that one chunk-sized buffer is all it needs; the per-token lse (N floats) is kept
+    for backward. Backward recomputes each chunk's logits and turns them, in place, into
+    d loss / d logits = (softmax - onehot) * incoming gradient, F.cross_entropy's backward; then
+    grad_hidden = g @ W and grad_W = g.T @ hidden, chunk by chunk."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        chunk_tokens: int,
+        compute_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        acc_dtype = torch.promote_types(compute_dtype, torch.float32)
+        w = weight.to(compute_dtype)
+        b = None if bias is None else bias.to(compute_dtype)
+        lse = torch.empty(hidden.shape[0], dtype=acc_dtype, device=hidden.device)
+        total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            end = start + chunk_tokens
+            h = hidden[start:end].to(compute_dtype)
+            # The upcast chunk (no copy when the compute dtype is fp32): clobbered below.
+            x = _chunk_logits(h, w, b).to(acc_dtype)
+            picked = x.gather(1, targets[start:end, None]).squeeze(1)
+            row_max = x.amax(dim=-1)
+            lse[start:end] = x.sub_(row_max[:, None]).exp_().sum(dim=-1).log_().add_(row_max)
+            total += (lse[start:end] - picked).sum()
+            del x  # before the next chunk's logits are allocated, not after
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_tokens = chunk_tokens
+        ctx.compute_dtype = compute_dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        chunk, compute_dtype = ctx.chunk_tokens, ctx.compute_dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(compute_dtype)
+            b = None if bias is None else bias.to(compute_dtype)
+            grad_hidden = torch.empty_like(hidden) if need_hidden else None
+            # In the weight's own dtype (what it receives anyway). With an fp32 master and a bf16
+            # compute dtype (autocast) each chunk's product is added from a bf16 temporary;
+            # otherwise it is accumulated in place.
+            grad_weight = torch.zeros_like(weight) if need_weight else None
+            grad_bias = (
+                torch.zeros(bias.shape, dtype=lse.dtype, device=lse.device) if need_bias else None
+            )
+            for start in range(0, hidden.shape[0], chunk):
+                end = start + chunk
+                h = hidden[start:end].to(compute_dtype)
+                t = targets[start:end]
+                # softmax = exp(x - lse), in the upcast logits' own memory
+                g = _chunk_logits(h, w, b).to(lse.dtype).sub_(lse[start:end, None]).exp_()
+                g[torch.arange(t.shape[0], device=t.device), t] -= 1
+                g.mul_(grad_loss)  # d loss / d logits of this chunk
+                if need_bias:
+                    grad_bias += g.sum(0)
+                g = g.to(compute_dtype)
+                if need_hidden:
+                    grad_hidden[start:end] = g @ w
+                if need_weight:
+                    if grad_weight.dtype == compute_dtype:
+                        grad_weight.addmm_(g.T, h)
+                    else:
+                        grad_weight += g.T @ h
+                del g  # before the next chunk's logits are allocated, not after
+        grad_bias = grad_bias.to(bias.dtype) if need_bias else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _fused_loss_sum(
+    impl: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+) -> torch.Tensor:
+    """The same sum through Liger Kernel's or Cut Cross-Entropy's fused kernels (CUDA only)."""
+    kept_hidden, targets = _kept_positions(hidden, labels)
+    compute_dtype = _compute_dtype(hidden)
+    # Their Triton kernels want one dtype; the casts are differentiable, so an fp32 master
+    # weight still receives its gradient (as autocast's own cast would give it).
+    h, w = kept_hidden.to(compute_dtype), weight.to(compute_dtype)
+    b = None if bias is None else bias.to(compute_dtype)
+    with torch.autocast(hidden.device.type, enabled=False):
+        if impl == "liger":
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+            loss = loss_fn(w, h, targets, b)
+        else:
+            from cut_cross_entropy import linear_cross_entropy
+
+            loss = linear_cross_entropy(
+                h, w, targets, bias=b, ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+    return loss.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing and running the training loss of one model
+
+
+class TrainLoss:
+    """The loss of a training micro-step for one model: naive (from the logits the model
+    returns) or computed inside the output head (`impl` chunked, liger or cce)."""
+
+    def __init__(self, impl: str, reason: str, head: nn.Linear | None, chunk_tokens: int):
+        self.impl = impl
+        self.reason = reason
+        self.head = head
+        self.chunk_tokens = chunk_tokens
+
+    def describe(self) -> str:
+        """One line for the log: which path, and why."""
+        if self.impl == "naive":
+            return f"loss: naive (the full logits, upcast to fp32): {self.reason}"
+        if self.impl == "chunked":
+            what = f"chunked cross-entropy, {self.chunk_tokens} tokens per chunk"
+        else:
+            what = f"{self.impl} fused linear cross-entropy"
+        return f"loss: {what}, from the final hidden states (no full logits kept): {self.reason}"
+
+    def __call__(self, run_model: Callable[[], Any], labels: torch.Tensor) -> torch.Tensor:
+        """Run the model's forward (`run_model()`, through whatever wraps it) and return the sum
+        of the token losses, connected to the graph for backward. `labels` as the batch has
+        them: on the CPU (the chunked loss picks its positions there without a device sync)."""
+        if self.head is None:
+            logits = run_model().logits
+            return token_loss_sum(logits, labels.to(logits.device, non_blocking=True))
+        head = self.head
+
+        def head_loss(hidden: torch.Tensor) -> torch.Tensor:
+            if self.impl == "chunked":
+                loss = chunked_token_loss_sum(
+                    hidden, head.weight, labels, head.bias, self.chunk_tokens
+                )
+            else:
+                loss = _fused_loss_sum(self.impl, hidden, head.weight, head.bias, labels)
+            # Logit-shaped, so that a model slicing or upcasting its logits leaves it alone.
+            return loss.reshape(1, 1, 1)
+
+        with _head_forward(head, head_loss) as num_calls:
+            out = run_model()
+        logits = out.logits
+        if num_calls[0] != 1 or tuple(logits.shape) != (1, 1, 1):
+            raise RuntimeError(
+                f"train.loss_impl={self.impl}: the model called its output head "
+                f"{num_calls[0]} times and returned logits of shape {tuple(logits.shape)}; it "
+                "does not compute its logits as one head call on the final hidden states. Use "
+                "train.loss_impl=naive for this model"
+            )
+        # The tensor the model returned, not the one head_loss made: wrappers (ZeRO-3's
+        # pre-backward hook, which gathers the head's weight again) sit between the two.
+        return logits.reshape(())
+
+
+@contextlib.contextmanager
+def _head_forward(head: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor]) -> Iterator:
+    """Make `forward` the head's forward for the duration; yields [number of calls]. Hooks on
+    the module (ZeRO-3's, DDP has none) still run around it: only `forward` is replaced."""
+    calls = [0]
+
+    def counted(hidden: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return forward(hidden)
+
+    head.forward = counted  # an instance attribute shadows the class's forward
+    try:
+        yield calls
+    finally:
+        del head.forward
+
+
+def build_train_loss(
+    model: nn.Module,
+    loss_impl: LossImpl,
+    chunk_tokens: int,
+    device: torch.device,
+) -> TrainLoss:
+    """Choose the training loss for `model` (an HF causal LM, possibly wrapped by peft; the
+    module DDP or DeepSpeed wraps, not the wrapper). `auto`: chunked where the head allows it,
+    else naive. An explicit chunked/liger/cce that cannot run raises ConfigError naming
+    train.loss_impl. Runs one tiny no-grad forward (collective under ZeRO-3: every rank builds)."""
+    if loss_impl == "naive":
+        return TrainLoss("naive", "train.loss_impl=naive", None, chunk_tokens)
+    if loss_impl in _FUSED_LIBRARIES:
+        problem = fused_library_problem(loss_impl, device.type)
+        if problem:
+            raise ConfigError([problem])
+    head, why_not = _plain_head(model, device)
+    if head is None:
+        if loss_impl == "auto":
+            return TrainLoss("naive", f"train.loss_impl=auto, and {why_not}", None, chunk_tokens)
+        raise ConfigError(
+            [f"train.loss_impl={loss_impl}: {why_not}; use train.loss_impl=auto or naive"]
+        )
+    impl = "chunked" if loss_impl == "auto" else loss_impl
+    reason = f"train.loss_impl={loss_impl}; the output head is a plain Linear"
+    return TrainLoss(impl, reason, head, chunk_tokens)
+
+
+def fused_library_problem(loss_impl: str, device_type: str) -> str | None:
+    """Why train.loss_impl=liger/cce cannot run here (one line naming the key), or None."""
+    module, package = _FUSED_LIBRARIES[loss_impl]
+    if importlib.util.find_spec(module) is None:
+        return (
+            f"train.loss_impl={loss_impl}: needs the {package} package, which is not installed "
+            f"(pip install {package}); or use train.loss_impl=auto (chunked, no extra package)"
+        )
+    if device_type != "cuda":
+        return (
+            f"train.loss_impl={loss_impl}: its Triton kernels need a CUDA device, and this run "
+            f"is on {device_type}; use train.loss_impl=auto"
+        )
+    return None
+
+
+def _plain_head(model: nn.Module, device: torch.device) -> tuple[nn.Linear | None, str]:
+    """The output head if the loss can be computed from its input and weight, else (None, why)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    if head is None:
+        return None, "the model has no output head (get_output_embeddings() is None)"
+    if type(head) is not nn.Linear:
+        # A LoRA-wrapped head (peft), a quantized one (bitsandbytes Linear4bit subclasses
+        # Linear), modules_to_save: their forward is more than weight and bias.
+        return None, f"the output head is a {type(head).__name__}, not a plain torch Linear"
+    if "forward" in head.__dict__:
+        return None, "the output head's forward is already wrapped (e.g. by accelerate's hooks)"
+    config = getattr(model, "config", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap:
+        return None, f"the model softcaps its logits (config.final_logit_softcapping={softcap})"
+    changed = _logits_changed_after_head(model, head, device)
+    if changed:
+        return None, changed
+    return head, ""
+
+
+def _logits_changed_after_head(model: nn.Module, head: nn.Linear, device: torch.device) -> str:
+    """Run the model on a few tokens and compare the logits it returns with the head's output;
+    a model that scales them (Cohere's logit_scale, Granite's logits_scaling, ...), slices or
+    post-processes them in any way would not get that from the chunked loss. '' if unchanged."""
+    seen: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda module, args, output: seen.append(output))
+    was_training = model.training
+    model.eval()  # no dropout: the probe draws nothing from the RNG
+    try:
+        ids = (torch.arange(1, 9, device=device) % head.out_features).unsqueeze(0)
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if len(seen) != 1:
+        return f"the model calls its output head {len(seen)} times per forward"
+    if logits.shape != seen[0].shape or not torch.equal(logits.float(), seen[0].float()):
+        return "the model changes the logits after its output head (e.g. scales or caps them)"
+    return ""
