@@ -131,9 +131,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ W.T + b, target_i) over [N, H] hidden states with no ignored targets.
 
     Per chunk, the cross-entropy is computed as F.cross_entropy does (log-softmax: the row max m,
-    lse = m + log(sum(exp(x - m))), loss = lse - x[target]), but in place in the chunk's fp32
-    logits, so that one chunk-sized buffer is all it needs; the per-token lse (N floats) is kept
-    for backward. Backward recomputes each chunk's logits and turns them, in place, into
+    s = log(sum(exp(x - m))), loss = s - (x[target] - m)), but in place in the chunk's fp32
+    logits, so that one chunk-sized buffer is all it needs; per token m and s (2N floats) are
+    kept for backward. Backward recomputes each chunk's logits and turns them, in place, into
     d loss / d logits = (softmax - onehot) * incoming gradient, F.cross_entropy's backward; then
     grad_hidden = g @ W and grad_W = g.T @ hidden, chunk by chunk."""
 
@@ -150,26 +150,31 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         acc_dtype = torch.promote_types(compute_dtype, torch.float32)
         w = weight.to(compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
-        lse = torch.empty(hidden.shape[0], dtype=acc_dtype, device=hidden.device)
+        # Per token the row max m and log(sum(exp(x - m))) are kept apart, not as one lse: at
+        # large logits m + log(sum) rounds at m's scale, and the loss (m - x_t) + log(sum) and
+        # the softmax exp((x - m) - log(sum)) would lose what log_softmax keeps.
+        row_max = torch.empty(hidden.shape[0], dtype=acc_dtype, device=hidden.device)
+        log_sum = torch.empty_like(row_max)
         total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             end = start + chunk_tokens
             h = hidden[start:end].to(compute_dtype)
             # The upcast chunk (no copy when the compute dtype is fp32): clobbered below.
             x = _chunk_logits(h, w, b).to(acc_dtype)
-            picked = x.gather(1, targets[start:end, None]).squeeze(1)
-            row_max = x.amax(dim=-1)
-            lse[start:end] = x.sub_(row_max[:, None]).exp_().sum(dim=-1).log_().add_(row_max)
-            total += (lse[start:end] - picked).sum()
+            m = x.amax(dim=-1)
+            row_max[start:end] = m
+            shifted_target = x.gather(1, targets[start:end, None]).squeeze(1).sub_(m)
+            log_sum[start:end] = x.sub_(m[:, None]).exp_().sum(dim=-1).log_()
+            total += (log_sum[start:end] - shifted_target).sum()
             del x  # before the next chunk's logits are allocated, not after
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.save_for_backward(hidden, weight, bias, targets, row_max, log_sum)
         ctx.chunk_tokens = chunk_tokens
         ctx.compute_dtype = compute_dtype
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, row_max, log_sum = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         chunk, compute_dtype = ctx.chunk_tokens, ctx.compute_dtype
         with torch.autocast(hidden.device.type, enabled=False):
@@ -181,14 +186,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             # otherwise it is accumulated in place.
             grad_weight = torch.zeros_like(weight) if need_weight else None
             grad_bias = (
-                torch.zeros(bias.shape, dtype=lse.dtype, device=lse.device) if need_bias else None
+                torch.zeros(bias.shape, dtype=log_sum.dtype, device=log_sum.device)
+                if need_bias
+                else None
             )
             for start in range(0, hidden.shape[0], chunk):
                 end = start + chunk
                 h = hidden[start:end].to(compute_dtype)
                 t = targets[start:end]
-                # softmax = exp(x - lse), in the upcast logits' own memory
-                g = _chunk_logits(h, w, b).to(lse.dtype).sub_(lse[start:end, None]).exp_()
+                # softmax = exp((x - m) - log(sum)), in the upcast logits' own memory
+                g = _chunk_logits(h, w, b).to(log_sum.dtype)
+                g.sub_(row_max[start:end, None]).sub_(log_sum[start:end, None]).exp_()
                 g[torch.arange(t.shape[0], device=t.device), t] -= 1
                 g.mul_(grad_loss)  # d loss / d logits of this chunk
                 if need_bias:
