@@ -64,8 +64,23 @@ class DataConfig(Section):
     )
     packing: bool = Field(
         False,
-        description="Pack each micro-batch's samples into as few seq_len rows as possible "
-        "(position_ids restart per sample; attention stays inside each sample).",
+        description="Pack several samples into each row of at most seq_len tokens (position_ids "
+        "restart per sample; attention stays inside each sample). See pack_scope.",
+    )
+    pack_scope: Literal["stream", "micro_batch"] = Field(
+        "stream",
+        description="With packing: `stream` packs consecutive windows of pack_window samples "
+        "(best fit, decreasing) into seq_len rows, and micro_batch_size then counts rows: a "
+        "token budget of micro_batch_size x seq_len per micro-batch, global batches in rows; "
+        "`micro_batch` packs only the micro_batch_size samples of each micro-batch (global "
+        "batches stay in samples).",
+    )
+    pack_window: int = Field(
+        1024,
+        ge=1,
+        description="pack_scope=stream: samples packed together. Larger packs tighter; every rank "
+        "tokenizes every sample of a shard stream (to agree on the rows without talking), and a "
+        "resume re-reads up to one window.",
     )
     shuffle_window: int = Field(
         4096,

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from data.budget import STATE_UNIT, Cursor, RowSteps, Window, check_unit, num_windows, pack_window
 from data.chat import ChatTemplateError, use_chat_template
 from data.config import DataConfig
 from data.packing import collate
@@ -279,11 +280,30 @@ class MapStyleStepBatches:
         self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
         self.num_rows = self.num_samples = len(dataset)
         self.global_batch = micro_batch_size * grad_accum_steps * world_size
-        self.steps_per_epoch = self.num_rows // self.global_batch
+        self.cfg = cfg
+        # Token-budget packing (data.budget): steps count packed rows, not samples.
+        self.budget = cfg.packing and cfg.pack_scope == "stream"
+        self.cursor = Cursor()
+        self.row_steps = RowSteps(
+            rank=rank,
+            world_size=world_size,
+            micro_batch_size=micro_batch_size,
+            grad_accum_steps=grad_accum_steps,
+            pad_id=pad_id,
+            drop_tail=True,
+        )
+        if self.budget:
+            # Each epoch packs a little differently; the schedule counts epoch 0's rows.
+            rows = sum(len(w.rows) for w in self._windows(0, 0))
+            self.steps_per_epoch = rows // self.global_batch
+            unit = f"packed rows ({rows} rows of data.seq_len={cfg.seq_len} from {self.num_rows})"
+        else:
+            self.steps_per_epoch = self.num_rows // self.global_batch
+            unit = "rows"
         if self.steps_per_epoch == 0:
             raise DataError(
-                f"{dataset.key}: {dataset.path}: {self.num_rows} rows are fewer than one global "
-                f"batch ({self.global_batch})"
+                f"{dataset.key}: {dataset.path}: {unit} are fewer than one global batch "
+                f"({self.global_batch})"
             )
         self.num_workers = cfg.num_workers
         self.collate = _Collate(cfg.seq_len, pad_id, cfg.packing)
@@ -311,7 +331,7 @@ class MapStyleStepBatches:
 
     def state_dict(self) -> dict[str, Any]:
         """Where the next step starts (the same on every rank), and this rank's counters."""
-        return {
+        state = {
             "kind": "map",
             "version": STATE_VERSION,
             "epoch": self.epoch,
@@ -321,11 +341,29 @@ class MapStyleStepBatches:
             "global_batch": self.global_batch,
             "counters": dict(self._counters),
         }
+        if self.budget:
+            state |= self.cursor.state() | self._pack_settings()
+        return state
+
+    def _pack_settings(self) -> dict[str, Any]:
+        return {
+            "unit": STATE_UNIT,
+            "seq_len": self.cfg.seq_len,
+            "pack_window": self.cfg.pack_window,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind", "map") != "map":
             raise DataError(
                 "resume: the saved data state is from a shard stream (data.source changed?)"
+            )
+        check_unit(state, self._pack_settings() if self.budget else {}, self.cfg)
+        if self.budget:
+            self.cursor = Cursor(
+                int(state["epoch"]),
+                int(state["position"]),
+                int(state["window"]),
+                int(state["window_start"]),
             )
         if "position" in state:
             for key, mine, cause in (
@@ -338,7 +376,7 @@ class MapStyleStepBatches:
                         f"the sample order would differ ({cause} changed?)"
                     )
             position = int(state["position"])
-            if not 0 <= position <= self.num_rows:
+            if not 0 <= position <= self.num_rows and not self.budget:
                 raise DataError(
                     f"resume: saved data position {position} is outside [0, {self.num_rows}]"
                 )
@@ -368,7 +406,38 @@ class MapStyleStepBatches:
             m["packing_efficiency"] = m.get("tokens_real", 0) / m["tokens_total"]
         return m
 
+    def _windows(self, epoch: int, first: int) -> Iterator[Window]:
+        """Epoch `epoch`'s packed windows from `first` on (the samples are in memory)."""
+        order = self.epoch_order(epoch)
+        size, n = self.cfg.pack_window, self.num_rows
+        for w in range(first, num_windows(n, size)):
+            stats: Counter = Counter()
+            items = []
+            for p in range(w * size, min((w + 1) * size, n)):
+                slot = self.dataset[order[p]]
+                stats["rows_read"] += 1
+                if slot.sample is None:
+                    stats["rows_skipped"] += 1
+                    stats[f"skipped_{slot.skipped}"] += 1
+                    continue
+                stats["rows_kept"] += 1
+                if slot.truncated:
+                    stats["truncated"] += 1
+                items.append((slot.index, slot.sample))
+            yield pack_window(w, items, stats, self.cfg.seq_len, self.seed, epoch)
+
+    def _budget_iter(self) -> Iterator[list[Batch]]:
+        while True:
+            c = self.cursor
+            for step in self.row_steps.epoch(c, self._windows(c.epoch, c.window), self._counters):
+                self.epoch, self.position = c.epoch, c.position
+                yield step
+            self.epoch, self.position = c.epoch, c.position
+
     def __iter__(self) -> Iterator[list[Batch]]:
+        if self.budget:
+            yield from self._budget_iter()
+            return
         while True:
             plan = self.plan()
             if plan.num_steps == 0:  # resumed with a larger global batch near the epoch's end

@@ -11,6 +11,8 @@ too, so it forms its own block and never joins the last sample's.
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 
 from data.templates import IGNORE_INDEX, TokenizedSample
@@ -35,41 +37,91 @@ def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Assign items (by index) to rows of `capacity`: longest first, each into the row with the
+    least room that still fits it. Deterministic (ties broken by index); rows list their items in
+    index order. Near-optimal for the many-short-few-long lengths of instruction data."""
+    rows: list[list[int]] = []
+    rooms: list[tuple[int, int]] = []  # (room left, row), kept sorted
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        k = bisect.bisect_left(rooms, (n, -1))
+        if k == len(rooms):
+            rows.append([i])
+            bisect.insort(rooms, (capacity - n, len(rows) - 1))
+        else:
+            room, r = rooms.pop(k)
+            rows[r].append(i)
+            bisect.insort(rooms, (room - n, r))
+    for row in rows:
+        row.sort()
+    return rows
+
+
 def pack(items: list[Item], seq_len: int, pad_id: int) -> Batch:
-    """Pack samples (each at most `seq_len` long) into rows of width <= seq_len.
+    """Pack samples (each at most `seq_len` long) into rows of width <= seq_len, first fit in
+    order (data.pack_scope=micro_batch)."""
+    if not items:
+        return empty_batch(pad_id, packed=True)
+    groups = first_fit([len(s) for _, s in items], seq_len)
+    return pack_rows([[items[i] for i in g] for g in groups], pad_id)
+
+
+def pack_rows(rows: list[list[Item]], pad_id: int) -> Batch:
+    """Tensors of packed `rows` (each a list of samples that fits one row).
 
     The width is the fullest row's length, not seq_len, so no compute is spent on a pad-only
     tail. `sample_index` is [B, K]: the row ids in each packed row, -1 where none.
     """
-    if not items:
+    if not rows:
         return empty_batch(pad_id, packed=True)
-    groups = first_fit([len(s) for _, s in items], seq_len)
-    width = max(sum(len(items[i][1]) for i in g) for g in groups)
-    k = max(len(g) for g in groups)
+    width = max(sum(len(s) for _, s in row) for row in rows)
+    k = max(len(row) for row in rows)
     # Rows are built as Python lists and converted once: a tensor per sample costs more than
     # the packing itself.
     input_ids, labels, position_ids, sample_index = [], [], [], []
-    for group in groups:
+    num_tokens = 0
+    for row in rows:
         ids: list[int] = []
         lab: list[int] = []
         pos: list[int] = []
-        for i in group:
-            s = items[i][1]
+        for _, s in row:
             ids += s.input_ids
             lab += s.labels
             pos += range(len(s))
+        num_tokens += len(ids)
         pad = width - len(ids)
         input_ids.append(ids + [pad_id] * pad)
         labels.append(lab + [IGNORE_INDEX] * pad)
         position_ids.append(pos + list(range(pad)))
-        sample_index.append([items[i][0] for i in group] + [-1] * (k - len(group)))
+        sample_index.append([row_id for row_id, _ in row] + [-1] * (k - len(row)))
     return {
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),
         "position_ids": torch.tensor(position_ids, dtype=torch.long),
         "sample_index": torch.tensor(sample_index, dtype=torch.long),
         # Real (non-pad) tokens: packed rows have no attention_mask to count them from.
-        "num_tokens": torch.tensor(sum(len(s) for _, s in items), dtype=torch.long),
+        "num_tokens": torch.tensor(num_tokens, dtype=torch.long),
+    }
+
+
+def batch_stats(batch: Batch, num_samples: int) -> dict[str, int]:
+    """The counters of one micro-batch (see `collate`)."""
+    tokens_real = (
+        int(batch["num_tokens"])
+        if "num_tokens" in batch
+        else int(batch["attention_mask"].sum())
+        if num_samples
+        else 0
+    )
+    return {
+        "micro_batches": 1,
+        "empty_micro_batches": int(not num_samples),
+        "samples": num_samples,
+        "rows": batch["input_ids"].shape[0],
+        "tokens_real": tokens_real,
+        "tokens_total": batch["input_ids"].numel(),
+        "target_tokens": int((batch["labels"] != IGNORE_INDEX).sum()),
     }
 
 
@@ -100,16 +152,7 @@ def collate(
     micro_batches, empty_micro_batches, samples, rows (tensor rows), tokens_real (sample tokens),
     tokens_total (tensor elements), target_tokens."""
     batch = pack(items, seq_len, pad_id) if packing else pad_right(items, pad_id)
-    stats = {
-        "micro_batches": 1,
-        "empty_micro_batches": int(not items),
-        "samples": len(items),
-        "rows": batch["input_ids"].shape[0],
-        "tokens_real": sum(len(s) for _, s in items),
-        "tokens_total": batch["input_ids"].numel(),
-        "target_tokens": int((batch["labels"] != IGNORE_INDEX).sum()),
-    }
-    return batch, stats
+    return batch, batch_stats(batch, len(items))
 
 
 def empty_batch(pad_id: int, *, packed: bool, width: int = 2) -> Batch:

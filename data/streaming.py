@@ -39,6 +39,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.budget import (
+    STATE_UNIT,
+    Cursor,
+    RowSteps,
+    Window,
+    check_unit,
+    explain_no_rows,
+    num_windows,
+    pack_window,
+)
 from data.config import DataConfig
 from data.loader import DataError, pad_token_id, use_training_template
 from data.packing import Batch, Item, collate
@@ -118,12 +128,57 @@ class MicroBatches(IterableDataset):
             yield {**batch, "_stats": dict(stats), "_micro": m}
 
 
+class PackWindows(IterableDataset):
+    """The packed windows (data.budget) of one epoch from window `first` on; in a DataLoader
+    worker, every num_workers-th of them. Every rank reads every window: the rows must be the
+    same everywhere, and a sample's length is known only once it is tokenized."""
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        tokenizer: Any,
+        cfg: DataConfig,
+        *,
+        seed: int,
+        epoch: int,
+        first: int,
+        log_skips: bool,
+    ):
+        self.shards, self.tokenizer, self.cfg = shards, tokenizer, cfg
+        self.seed, self.epoch, self.first, self.log_skips = seed, epoch, first, log_skips
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        order = EpochOrder(
+            self.shards.rows_per_shard, self.seed, self.epoch, self.cfg.shuffle_window
+        )
+        reader = _RowReader(self.shards, self.tokenizer, self.cfg, log_skips=self.log_skips)
+        size = self.cfg.pack_window
+        mine = range(self.first + worker, num_windows(order.num_rows, size), num_workers)
+        for w in mine:
+            positions = range(w * size, min((w + 1) * size, order.num_rows))
+            try:
+                items, stats = reader.read([order.row_id(p) for p in positions])
+                reader.bad.check(last=w == mine[-1])
+            except DataError as e:
+                yield {"_error": str(e), "_window": w}  # raised by the main process, one line
+                return
+            window = pack_window(w, items, stats, self.cfg.seq_len, self.seed, self.epoch)
+            yield {"_window": w, "window": window}
+
+
+def _as_is(item: Any) -> Any:
+    # Windows hold Python lists: DataLoader's default conversion would walk every token.
+    return item
+
+
 class _RowReader:
     """Reads, validates and tokenizes rows in one process, counting what it skips."""
 
-    def __init__(self, shards: ShardSet, tokenizer: Any, cfg: DataConfig):
+    def __init__(self, shards: ShardSet, tokenizer: Any, cfg: DataConfig, log_skips: bool = True):
         self.shards, self.tokenizer, self.cfg = shards, tokenizer, cfg
-        self.bad = BadRows(cfg, log, "rows read by a data worker")
+        self.bad = BadRows(cfg, log, "rows read by a data worker", log_skips=log_skips)
         self.unreadable: dict[int, str] = {}
 
     def _skip(
@@ -213,7 +268,18 @@ class StreamingStepBatches:
         self.pad_id = pad_token_id(tokenizer)
         if self.num_rows == 0:
             raise DataError(f"{shards.url}: the manifest lists no rows")
-        if cfg.epoch_tail == "drop" and self.num_rows < self.global_batch:
+        # Token-budget packing (data.budget): steps count packed rows, not samples.
+        self.budget = cfg.packing and cfg.pack_scope == "stream"
+        self.cursor = Cursor()
+        self.row_steps = RowSteps(
+            rank=rank,
+            world_size=world_size,
+            micro_batch_size=micro_batch_size,
+            grad_accum_steps=grad_accum_steps,
+            pad_id=self.pad_id,
+            drop_tail=cfg.epoch_tail == "drop",
+        )
+        if cfg.epoch_tail == "drop" and self.num_rows < self.global_batch and not self.budget:
             raise DataError(
                 f"{shards.url}: {self.num_rows} rows are fewer than one global batch "
                 f"({self.global_batch}) with data.epoch_tail=drop"
@@ -248,8 +314,11 @@ class StreamingStepBatches:
         )
 
     @property
-    def steps_per_epoch(self) -> int:
-        """Optimizer steps in a full epoch (the same on every rank)."""
+    def steps_per_epoch(self) -> int | None:
+        """Optimizer steps in a full epoch (the same on every rank); None with token-budget
+        packing, where they are known only once the whole epoch is tokenized."""
+        if self.budget:
+            return None
         return Plan(
             0,
             0,
@@ -264,7 +333,7 @@ class StreamingStepBatches:
     def state_dict(self) -> dict[str, Any]:
         """Where the next step starts in the global order (the same on every rank), and this
         rank's counters."""
-        return {
+        state = {
             "kind": "shards",
             "version": STATE_VERSION,
             "epoch": self.epoch,
@@ -273,6 +342,16 @@ class StreamingStepBatches:
             "seed": self.seed,
             "shuffle_window": self.cfg.shuffle_window,
             "counters": dict(self._counters),
+        }
+        if self.budget:
+            state |= self.cursor.state() | self._pack_settings()
+        return state
+
+    def _pack_settings(self) -> dict[str, Any]:
+        return {
+            "unit": STATE_UNIT,
+            "seq_len": self.cfg.seq_len,
+            "pack_window": self.cfg.pack_window,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -290,8 +369,13 @@ class StreamingStepBatches:
                     f"resume: saved data state has {key}={state[key]}, this run has {mine}; the "
                     "order would differ (same data, seed and data.shuffle_window are needed)"
                 )
+        check_unit(state, self._pack_settings() if self.budget else {}, self.cfg)
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
+        if self.budget:
+            self.cursor = Cursor(
+                self.epoch, self.position, int(state["window"]), int(state["window_start"])
+            )
         if "counters" in state:  # given as saved (or summed, or {} when the world size changed)
             self._counters = Counter(state["counters"])
 
@@ -313,7 +397,50 @@ class StreamingStepBatches:
             generator=torch.Generator().manual_seed(self.seed + plan.epoch),
         )
 
+    def _windows(self, epoch: int, first: int) -> Iterator[Window]:
+        workers = self.cfg.num_workers
+        loader = DataLoader(
+            PackWindows(
+                self.shards,
+                self.tokenizer,
+                self.cfg,
+                seed=self.seed,
+                epoch=epoch,
+                first=first,
+                log_skips=self.rank == 0,
+            ),
+            batch_size=None,
+            collate_fn=_as_is,
+            num_workers=workers,
+            worker_init_fn=_worker_init if workers else None,
+            prefetch_factor=2 if workers else None,
+            generator=torch.Generator().manual_seed(self.seed + epoch),
+        )
+        for item in loader:
+            if "_error" in item:
+                raise DataError(item["_error"])
+            yield item["window"]
+
+    def _budget_iter(self) -> Iterator[list[Batch]]:
+        while True:
+            c = self.cursor
+            from_start = c.position == 0 and c.window == 0
+            stepped = False
+            for step in self.row_steps.epoch(c, self._windows(c.epoch, c.window), self._counters):
+                stepped = True
+                self.epoch, self.position = c.epoch, c.position
+                yield step
+            self.epoch, self.position = c.epoch, c.position
+            if from_start and not stepped:
+                raise DataError(
+                    f"{self.shards.url}: no step of packed rows in a whole epoch: "
+                    f"{explain_no_rows(self._counters, self.row_steps.per_step)}"
+                )
+
     def __iter__(self) -> Iterator[list[Batch]]:
+        if self.budget:
+            yield from self._budget_iter()
+            return
         while True:
             plan = self.plan()
             steps = plan.num_steps

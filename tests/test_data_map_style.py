@@ -33,7 +33,7 @@ def rows_of(path) -> list[dict]:
 @pytest.mark.timeout(60)
 def test_packed_micro_batches_hold_the_unpacked_samples_with_their_own_logits(jsonl):
     tok = char_tokenizer()
-    packed_cfg = config(jsonl, packing=True, seq_len=128)
+    packed_cfg = config(jsonl, packing=True, pack_scope="micro_batch", seq_len=128)
     rows = rows_of(jsonl)
     packed = next(iter(map_style(packed_cfg, micro_batch_size=8, grad_accum_steps=2)))
     plain = next(
@@ -101,7 +101,7 @@ def test_steps_take_the_same_samples_at_any_world_size(jsonl):
 @pytest.mark.parametrize(("stop_after", "num_workers"), [(3, 0), (18, 2), (20, 0)])
 def test_resume_matches_uninterrupted_run_per_rank(jsonl, stop_after, num_workers):
     """18 steps = 1 epoch (150 // 8): mid-epoch, exactly at the boundary, and after it."""
-    cfg = config(jsonl, num_workers=num_workers, packing=True)
+    cfg = config(jsonl, num_workers=num_workers, packing=True, pack_scope="micro_batch")
     assert map_style(cfg, world_size=2, micro_batch_size=2).steps_per_epoch == 18
     for rank in range(2):
         full = take(map_style(cfg, rank=rank, world_size=2, micro_batch_size=2), 24)

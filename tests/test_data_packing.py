@@ -66,7 +66,8 @@ def test_packed_samples_get_the_logits_they_get_alone(tmp_path):
     batch = step[0]
     assert batch["sample_index"].shape[1] >= 2, "the test needs rows holding several samples"
     n = assert_segments_match_alone(model, batch, lambda i: encode_row(rows[i], tok, cfg))
-    assert n == 8
+    # 8 rows of a token budget: more than 8 samples, every one checked
+    assert n == int((batch["sample_index"] >= 0).sum()) > 8
 
 
 def test_pack_respects_seq_len_and_restarts_positions():
@@ -156,7 +157,7 @@ def test_text_format_loss_on_all_text_tokens():
 def test_overlong_samples_are_truncated_or_dropped_and_counted(tmp_path, overlong):
     shards = make_shards(tmp_path, 30, 10)
     # synthetic rows are 11-20 tokens with the compact template: 15 splits them
-    cfg = config(shards, seq_len=15, overlong=overlong, packing=True)
+    cfg = config(shards, seq_len=15, overlong=overlong, packing=True, pack_scope="micro_batch")
     s = stream(cfg)
     steps = [next(it) for it in [iter(s)] for _ in range(s.steps_per_epoch)]
     m = s.metrics()

@@ -19,7 +19,7 @@ def shards(tmp_path_factory):
     "stop_after", [3, 10, 12]
 )  # mid-epoch, 0 into epoch 2 (10 = 1 epoch), after it
 def test_resume_matches_uninterrupted_run_per_rank(shards, stop_after):
-    cfg = config(shards, num_workers=2, packing=True)
+    cfg = config(shards, num_workers=2, packing=True, pack_scope="micro_batch")
     steps_per_epoch = stream(cfg, world_size=2).steps_per_epoch
     assert steps_per_epoch == 10
     total = 16  # crosses the epoch boundary
