@@ -80,3 +80,19 @@ def test_cli_refuses_packing_for_opt_in_one_line(tiny_assets, tmp_path, capsys):
     errors = [x for x in err.splitlines() if x.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
     assert "OPTForCausalLM" in errors[0] and "data.packing=false" in errors[0]
+
+
+def test_tolerance_follows_the_least_precise_weights():
+    """QLoRA keeps its embedding in fp32 but its 4-bit layers (integer storage) and bf16 ones
+    round like half precision: the bound must be the half one, not the first parameter's."""
+    from torch import nn
+
+    from trainer.model.packing_probe import HALF_TOLERANCE, TOLERANCE, tolerance
+
+    fp32 = nn.Sequential(nn.Embedding(4, 4), nn.Linear(4, 4))
+    assert tolerance(fp32) == TOLERANCE[torch.float32]
+    mixed = nn.Sequential(nn.Embedding(4, 4), nn.Linear(4, 4).to(torch.bfloat16))
+    assert tolerance(mixed) == HALF_TOLERANCE
+    quantized = nn.Sequential(nn.Embedding(4, 4))
+    quantized.register_parameter("q", nn.Parameter(torch.zeros(4, dtype=torch.uint8), False))
+    assert tolerance(quantized) == HALF_TOLERANCE

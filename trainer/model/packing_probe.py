@@ -47,11 +47,20 @@ def packing_error(model: nn.Module, device: torch.device) -> float:
     return float((packed.float() - expected.float()).abs().max())  # host sync: once, at start
 
 
+def tolerance(model: nn.Module) -> float:
+    """The bound for the model's least precise weights: one half-precision or quantized (bnb
+    4/8-bit, stored as integers) layer makes the whole forward round like half precision, even
+    when the first parameter (e.g. an upcast embedding under QLoRA) is fp32."""
+    dtypes = {p.dtype for p in model.parameters()}
+    if any(not (d.is_floating_point and d in TOLERANCE) for d in dtypes):
+        return HALF_TOLERANCE
+    return max(TOLERANCE[d] for d in dtypes) if dtypes else TOLERANCE[torch.float32]
+
+
 def check_packing_exact(model: nn.Module, device: torch.device) -> None:
     """Raise PackingNotExact when packed samples would see each other in this model."""
-    dtype = next(model.parameters()).dtype
     error = packing_error(model, device)
-    bound = TOLERANCE.get(dtype, HALF_TOLERANCE)
+    bound = tolerance(model)
     if not error <= bound:  # also catches NaN
         name = type(model).__name__
         attn = getattr(model.config, "_attn_implementation", "?")
