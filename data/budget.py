@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from data.packing import Batch, Item, batch_stats, best_fit_decreasing, pack_rows
 from data.rows import DataError
@@ -105,6 +106,7 @@ class RowSteps:
         self.per_rank = micro_batch_size * grad_accum_steps
         self.per_step = self.per_rank * world_size
         self.pad_id, self.drop_tail = pad_id, drop_tail
+        self.pin = torch.cuda.is_available()
 
     def epoch(
         self, cursor: Cursor, windows: Iterator[Window], counters: Counter
@@ -178,6 +180,8 @@ class RowSteps:
             lo = mine + a * self.micro
             rows = [self._row(loaded, i) for i in range(lo, min(lo + self.micro, end))]
             batch = pack_rows(rows, self.pad_id)
+            if self.pin:  # built here, not in a DataLoader: pinned so the copy to the GPU is async
+                batch = {k: v.pin_memory() for k, v in batch.items()}
             counters.update(batch_stats(batch, sum(len(row) for row in rows)))
             if len(rows) < self.micro:
                 counters["tail_empty_slots"] += self.micro - len(rows)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+import torch
+from pydantic import Field, field_validator
 
 from data.config_base import Section
 
@@ -107,4 +108,27 @@ class DataConfig(Section):
         "read by a data worker (shards) or of a JSONL file were bad; a worker whose every row so "
         "far was bad stops after a few rows.",
     )
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank.")
+    num_workers: int | Literal["auto"] = Field(
+        "auto",
+        description="DataLoader worker processes per rank (they read, tokenize and pack ahead of "
+        "the step). auto = 2 when training on a GPU; 0 on CPU, where the ranks' compute needs "
+        "the cores.",
+    )
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers_not_negative(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be >= 0 or auto")
+        return v
+
+    def workers(self) -> int:
+        """`num_workers` as a number (auto resolved for this machine)."""
+        if self.num_workers == "auto":
+            return AUTO_GPU_WORKERS if torch.cuda.is_available() else 0
+        return self.num_workers
+
+
+# Two workers keep a GPU fed with chat rows at ~4.6 ms each (templating + tokenizing) for the
+# batch sizes that fit one GPU, with a window or micro-batch prefetched each.
+AUTO_GPU_WORKERS = 2

@@ -305,7 +305,7 @@ class MapStyleStepBatches:
                 f"{dataset.key}: {dataset.path}: {unit} are fewer than one global batch "
                 f"({self.global_batch})"
             )
-        self.num_workers = cfg.num_workers
+        self.num_workers = cfg.workers()
         self.collate = _Collate(cfg.seq_len, pad_id, cfg.packing)
         self.epoch = 0
         self.position = 0
@@ -451,6 +451,7 @@ class MapStyleStepBatches:
                 ],
                 collate_fn=self.collate,
                 num_workers=self.num_workers,
+                pin_memory=torch.cuda.is_available(),  # so the copies to the GPU are async
                 # Its own generator: an iterator drawn from the global RNG would move the
                 # training RNG (dropout) at a point that differs between a straight run and a
                 # resumed one (here: a new epoch vs the resume), so resume would not be exact.

@@ -288,7 +288,7 @@ class StreamingStepBatches:
         self.position = 0
         self._counters: Counter = Counter()
         self._dataset_facts()
-        if cfg.num_workers:
+        if cfg.workers():
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     def _dataset_facts(self) -> None:
@@ -386,19 +386,20 @@ class StreamingStepBatches:
         return m
 
     def _loader(self, plan: Plan) -> DataLoader:
-        workers = self.cfg.num_workers
+        workers = self.cfg.workers()
         return DataLoader(
             MicroBatches(self.shards, self.tokenizer, self.cfg, plan, self.seed, self.pad_id),
             batch_size=None,
             num_workers=workers,
             worker_init_fn=_worker_init if workers else None,
             prefetch_factor=2 if workers else None,
+            pin_memory=torch.cuda.is_available(),  # so the copies to the GPU are async
             # Not the global RNG: see data/loader.py (resume must leave dropout's RNG alone).
             generator=torch.Generator().manual_seed(self.seed + plan.epoch),
         )
 
     def _windows(self, epoch: int, first: int) -> Iterator[Window]:
-        workers = self.cfg.num_workers
+        workers = self.cfg.workers()
         loader = DataLoader(
             PackWindows(
                 self.shards,

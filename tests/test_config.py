@@ -171,3 +171,17 @@ def test_hf_trainer_and_axolotl_names_are_answered_with_ours(tmp_path, theirs, o
     assert top == [f"{theirs}: unknown key (did you mean '{ours}'?)"]
     nested = problems_of(tmp_path, base_tree(), [f"train.{theirs}=1"])
     assert nested == [f"train.{theirs}: unknown key (did you mean '{ours}'?)"]
+
+
+def test_data_workers_default_to_two_on_a_gpu_and_none_on_cpu(monkeypatch):
+    from data.config import DataConfig
+
+    cfg = DataConfig(train_path="x.jsonl")
+    assert cfg.num_workers == "auto"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert cfg.workers() == 0  # on CPU the ranks' compute needs the cores
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert cfg.workers() == 2
+    assert DataConfig(train_path="x.jsonl", num_workers=3).workers() == 3
+    with pytest.raises(ValueError, match="num_workers"):
+        DataConfig(train_path="x.jsonl", num_workers=-1)
