@@ -23,15 +23,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-# DeepSpeed's CPU communication op, built once into the venv (TORCH_EXTENSIONS_DIR defaults to
-# $(VENV)/torch_extensions): otherwise the first DeepSpeed run compiles it, for minutes. Without
-# a C++ compiler, or if it fails, a warning: that first run retries and reports why.
+# DeepSpeed's CPU communication op and CPU Adam op (optimizer offload), built once into the venv
+# (TORCH_EXTENSIONS_DIR defaults to $(VENV)/torch_extensions): otherwise the first DeepSpeed run
+# compiles them, for minutes. Without a C++ compiler, or if it fails, a warning: that first run
+# retries and reports why (an offload run falls back to torch's AdamW, saying so).
 $(VENV)/.deepspeed_op: $(VENV)/.installed
 	@if command -v $${CXX:-c++} >/dev/null 2>&1; then \
 	  $(BIN)/python -m trainer.engine.deepspeed_ops --build || \
-	    echo "warning: DeepSpeed's CPU communication op did not build; DeepSpeed runs will retry"; \
+	    echo "warning: DeepSpeed's CPU ops did not build; DeepSpeed runs will retry"; \
 	else \
-	  echo "warning: no C++ compiler ($${CXX:-c++}): DeepSpeed's CPU communication op not built"; \
+	  echo "warning: no C++ compiler ($${CXX:-c++}): DeepSpeed's CPU ops not built"; \
 	fi
 	touch $@
 

@@ -221,13 +221,15 @@ def _train(
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, derived, run_dir / "config.yaml")
+        budget = cfg.data.packing and cfg.data.pack_scope == "stream"
         log.info(
-            "world size %d, micro batch %d x accumulation %d = global batch %d; %d steps "
+            "world size %d, micro batch %d x accumulation %d = global batch %d %s; %d steps "
             "(%d warmup); run dir %s",
             ctx.world_size,
             derived.micro_batch_size,
             derived.grad_accum_steps,
             derived.global_batch_size,
+            f"packed rows of {cfg.data.seq_len} tokens" if budget else "samples",
             derived.total_steps,
             derived.warmup_steps,
             run_dir,

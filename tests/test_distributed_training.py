@@ -62,6 +62,7 @@ class _NaNOnRank:
         self.inner, self.at_step, self.on_rank, self.ctx = inner, at_step, on_rank, ctx
         self.step = 1
         self.changed: list[bool] = []
+        self.on_device: list[bool] = []  # the skip was decided on the device (no host read)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -72,9 +73,13 @@ class _NaNOnRank:
             return self.inner.forward_backward(batch, loss_scale, is_last_micro_step) * float("nan")
         return self.inner.forward_backward(batch, loss_scale, is_last_micro_step)
 
-    def optimizer_step(self, skip):
+    def optimizer_step(self, skip, found_inf=None):
         before = [p.detach().clone() for p in self.inner.unwrapped_model().parameters()]
-        self.inner.optimizer_step(skip)
+        self.on_device.append(found_inf is not None)
+        if found_inf is None:
+            self.inner.optimizer_step(skip)
+        else:
+            self.inner.optimizer_step(skip, found_inf=found_inf)
         after = list(self.inner.unwrapped_model().parameters())
         self.changed.append(any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)))
         self.step += 1
@@ -95,29 +100,60 @@ def _nonfinite_rank(argv: list[str], at_step: int, consecutive: bool) -> dict:
     try:
         summary = lt.run(argv)
     except lt.NonFiniteLossError as e:
-        return {"error": str(e), "changed": wrappers[0].changed}
+        return {"error": str(e), "changed": wrappers[0].changed, "on_device": wrappers[0].on_device}
     weights = torch.cat([p.detach().flatten() for p in wrappers[0].unwrapped_model().parameters()])
-    return {"summary": summary, "changed": wrappers[0].changed, "weights": weights}
+    return {
+        "summary": summary,
+        "changed": wrappers[0].changed,
+        "weights": weights,
+        "on_device": wrappers[0].on_device,
+    }
+
+
+# Fused AdamW takes the skip decision on the device: steps that log nothing read nothing back.
+DEVICE_SKIP = ("optim.fused=on", "logging.every_steps=4")
 
 
 @pytest.mark.timeout(300)
-def test_nonfinite_loss_on_one_rank_skips_step_everywhere(tiny_assets, tmp_path, ranks):
-    argv = tiny_config_args(tiny_assets, tmp_path / "run", "train.max_steps=6")
+@pytest.mark.parametrize("on_device", [False, True], ids=["host", "device"])
+def test_nonfinite_loss_on_one_rank_skips_step_everywhere(tiny_assets, tmp_path, ranks, on_device):
+    extra = DEVICE_SKIP if on_device else ()
+    argv = tiny_config_args(tiny_assets, tmp_path / "run", "train.max_steps=6", *extra)
     results = ranks(_nonfinite_rank, 2, argv, 3, False)
     for r in results:
         assert r["changed"] == [True, True, False, True, True, True]  # step 3 skipped, run went on
         assert r["summary"]["skipped_steps"] == 1
         assert r["summary"]["steps"] == 6
+        # logged steps (4 and the last) read the loss back; the others decide on the device
+        expected = [True, True, True, False, True, False] if on_device else [False] * 6
+        assert r["on_device"] == expected
     assert torch.equal(results[0]["weights"], results[1]["weights"])  # ranks still in lockstep
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["train/skipped_steps"] for r in rows if "train/skipped_steps" in r][-1] == 1
+    if on_device:  # the same run, reading every step back, ends with the same weights, bitwise
+        every = tiny_config_args(
+            tiny_assets, tmp_path / "every", "train.max_steps=6", "optim.fused=on"
+        )
+        read_back = ranks(_nonfinite_rank, 2, every, 3, False)
+        assert read_back[0]["on_device"] == [False] * 6
+        assert torch.equal(read_back[0]["weights"], results[0]["weights"])
+        losses = [r.get("train/loss") for r in rows if "train/loss" in r]
+        assert read_losses(tmp_path / "every")[3] == losses[0]  # step 4, logged by both
 
 
 @pytest.mark.timeout(300)
-def test_consecutive_nonfinite_steps_stop_the_run(tiny_assets, tmp_path, ranks):
+@pytest.mark.parametrize("on_device", [False, True], ids=["host", "device"])
+def test_consecutive_nonfinite_steps_stop_the_run(tiny_assets, tmp_path, ranks, on_device):
+    extra = DEVICE_SKIP if on_device else ()
     argv = tiny_config_args(
-        tiny_assets, tmp_path / "run", "train.max_steps=6", "train.max_consecutive_nonfinite=2"
+        tiny_assets,
+        tmp_path / "run",
+        "train.max_steps=6",
+        "train.max_consecutive_nonfinite=2",
+        *extra,
     )
     for r in ranks(_nonfinite_rank, 2, argv, 0, True):
         assert "2 consecutive steps had a non-finite loss" in r["error"]
-        assert r["changed"] == [False, False]
+        assert "(last at step 2)" in r["error"]
+        # read back at step 4 on the device path: the run stops there, every step skipped
+        assert r["changed"] == [False] * (4 if on_device else 2)

@@ -127,6 +127,22 @@ class TrainConfig(Section):
         description="Stop the run after this many optimizer steps in a row were skipped for a "
         "non-finite loss or gradient norm.",
     )
+    grad_reduce_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="dtype DDP all-reduces the gradients in. bf16 halves the bytes sent (torch's "
+        "bf16_compress_hook: each bucket is cast to bf16, averaged, and cast back) at the cost of "
+        "rounding every averaged gradient to bf16 (8 significant bits); only used when "
+        "distributed. ddp only: "
+        "DeepSpeed sets its own (communication_data_type in its JSON).",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile each transformer block of the model (its decoder layers), "
+        "in place; the embedding, the output head and the loss stay eager "
+        "(trainer/model/compile.py). The first step, and the first at a new sequence length, "
+        "spend seconds to minutes compiling; fixed shapes (data.packing) compile least. ddp "
+        "only.",
+    )
     collective_timeout_s: float = Field(
         1800,
         gt=0,
@@ -143,6 +159,21 @@ class OptimConfig(Section):
     )
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    fused: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="torch's fused AdamW kernel (one kernel for all parameters) instead of the "
+        "multi-tensor foreach one. auto = fused when the parameters are on CUDA, foreach "
+        "elsewhere; on = fused on any device (CPU too); off = foreach. Under DeepSpeed with the "
+        "optimizer offloaded to the CPU, DeepSpeed's CPU Adam is used instead of either.",
+    )
+
+    @field_validator("fused", mode="before")
+    @classmethod
+    def _on_off_from_yaml(cls, value: Any) -> Any:
+        # As logging.progress_bar: YAML 1.1 reads an unquoted on/off as a boolean.
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
 
 
 class ScheduleConfig(Section):
@@ -448,6 +479,16 @@ def check_consistency(cfg: RunConfig) -> list[str]:
     problems += precision_problems(t.precision, cfg.model.dtype, t.backend)
     if t.backend == "ddp" and t.deepspeed_config:
         problems.append("train.deepspeed_config: only used with train.backend=deepspeed")
+    if t.backend == "deepspeed" and t.grad_reduce_dtype != "fp32":
+        problems.append(
+            f"train.grad_reduce_dtype={t.grad_reduce_dtype}: only with train.backend=ddp; under "
+            'DeepSpeed set "communication_data_type" in train.deepspeed_config instead'
+        )
+    if t.backend == "deepspeed" and t.compile:
+        problems.append(
+            "train.compile=true: only with train.backend=ddp (DeepSpeed's ZeRO hooks on the "
+            "parameters are not compiled here); remove it or use train.backend=ddp"
+        )
     problems += method_problems(
         cfg.method,
         "lora" in cfg.model_fields_set,

@@ -59,8 +59,14 @@ class TrainState:
     consecutive_nonfinite: int = 0
     num_empty_steps: int = 0  # steps whose global batch had no target token (also skipped)
 
+    # Set by the loop while steps decided on the device are not yet read back (see train()):
+    # a checkpoint must count them, so reading the state reads them first.
+    flush: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
     def state_dict(self) -> dict[str, int]:
-        return asdict(self)
+        if self.flush is not None:
+            self.flush()
+        return {k: v for k, v in asdict(self).items() if k != "flush"}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         for key, value in state.items():
@@ -77,6 +83,9 @@ class StepResult:
     empty: bool = False  # no target token in the global batch: the update was not applied
     num_total_tokens: int = 0  # every input position, padding included, over all ranks
     num_attention_pairs: int = 0  # query-key pairs of the real samples (trainer/flops.py)
+    # A step decided on the device (loss, grad_norm and skipped not read yet): [loss, norm,
+    # skipped] as a device tensor, read with the next logged step's sync.
+    pending: torch.Tensor | None = None
 
 
 @dataclass
@@ -111,11 +120,17 @@ def train_step(
     max_grad_norm: float | None,
     step: int = 0,
     data_error: str | None = None,
+    *,
+    read: bool = True,
 ) -> StepResult:
     """One optimizer step (`step`, 1-based) over this rank's micro-batches, normalized by the
     global target-token count. `data_error`: this rank could not read its micro-batches; every
     rank then raises the same DataError before any forward (a rank that left alone would leave
-    the others hanging in a collective, and its message would be lost)."""
+    the others hanging in a collective, and its message would be lost).
+
+    `read=False` (a step that logs nothing), with an engine that can skip on the device
+    (`skips_on_device`: fused AdamW's found_inf): the skip is decided on the device and nothing
+    is read back; the result's `pending` holds [loss, norm, skipped] for later."""
     ctx = engine.ctx
     # Token counts come from CPU labels; one all-reduce on the CPU group gives the global count
     # that every rank must divide by before its first backward (no device sync to read it).
@@ -144,23 +159,27 @@ def train_step(
 
     stats = torch.stack([loss_sum.double(), grad_norm.detach().double().to(ctx.device)])
     all_reduce_sum(ctx, stats[:1])  # NaN/inf on any rank makes the sum non-finite on all
-    global_loss_sum, norm = stats.tolist()  # host sync: once per step, decides skip + logging
-    loss = global_loss_sum / max(num_target, 1.0)
     # A step without a single target token carries no signal; AdamW would still move the
     # weights (momentum, weight decay), so it is skipped like a non-finite one, and counted.
-    nonfinite = not (math.isfinite(loss) and math.isfinite(norm))
+    # The count is known on the host (CPU all-reduce above).
     empty = num_target == 0
+    counts = {
+        "num_target_tokens": int(num_target),
+        "num_input_tokens": int(num_input),
+        "num_total_tokens": int(num_total),
+        "num_attention_pairs": int(num_pairs),
+    }
+    if not read and not empty and getattr(engine, "skips_on_device", False):
+        found_inf = (~torch.isfinite(stats).all()).float()  # on the device, no sync
+        engine.optimizer_step(skip=False, found_inf=found_inf)
+        pending = torch.stack([stats[0] / max(num_target, 1.0), stats[1], found_inf.double()])
+        nan = float("nan")
+        return StepResult(nan, nan, False, empty=False, pending=pending, **counts)
+    global_loss_sum, norm = stats.tolist()  # host sync: once per step, decides skip + logging
+    loss = global_loss_sum / max(num_target, 1.0)
+    nonfinite = not (math.isfinite(loss) and math.isfinite(norm))
     engine.optimizer_step(skip=nonfinite or empty)
-    return StepResult(
-        loss,
-        norm,
-        nonfinite,
-        int(num_target),
-        int(num_input),
-        empty,
-        num_total_tokens=int(num_total),
-        num_attention_pairs=int(num_pairs),
-    )
+    return StepResult(loss, norm, nonfinite, empty=empty, **counts)
 
 
 def raise_agreed_data_error(ctx: DistContext, error: str | None, num_failed: int) -> None:
@@ -360,6 +379,50 @@ def train(
         run_eval()
     engine.train()
     batches: Iterator[list[Batch]] = iter(train_batches)
+    # Steps decided on the device (train_step with read=False), read back together at the next
+    # logged step, or when a checkpoint reads the state.
+    pending: list[tuple[int, StepResult]] = []
+    too_many_at: list[int] = []  # the step where consecutive non-finite steps reached the limit
+
+    def settle(step_no: int, res: StepResult) -> None:
+        result.losses.append(res.loss if not (res.skipped or res.empty) else float("nan"))
+        if not res.skipped:
+            state.consecutive_nonfinite = 0
+            return
+        state.num_skipped_steps += 1
+        state.consecutive_nonfinite += 1
+        log.warning(
+            "step %d: non-finite loss (%s) or grad norm (%s); optimizer step skipped on "
+            "all ranks (%d skipped so far)",
+            step_no,
+            res.loss,
+            res.grad_norm,
+            state.num_skipped_steps,
+        )
+        if state.consecutive_nonfinite >= cfg.train.max_consecutive_nonfinite and not too_many_at:
+            too_many_at.append(step_no)
+
+    def flush() -> None:
+        if not pending:
+            return
+        # host sync: the only one of the steps since the last logged step
+        values = torch.stack([r.pending for _, r in pending]).tolist()
+        for (step_no, res), (loss, norm, skipped) in zip(pending, values, strict=True):
+            res.loss, res.grad_norm, res.skipped, res.pending = loss, norm, bool(skipped), None
+            settle(step_no, res)
+        pending.clear()
+
+    def stop_if_too_many() -> None:
+        if too_many_at:
+            err = NonFiniteLossError(  # collective: decided from global sums
+                f"{cfg.train.max_consecutive_nonfinite} consecutive steps had a non-finite loss "
+                f"or gradient norm (last at step {too_many_at[0]}); stopping. Lower optim.lr, "
+                "check the data, or raise train.max_consecutive_nonfinite"
+            )
+            mark_collective(err)
+            raise err
+
+    state.flush = flush
     try:
         while state.step < total:
             step_start = time.perf_counter()
@@ -369,39 +432,29 @@ def train(
             except DataError as e:
                 # Agreed with the other ranks inside train_step, before any forward.
                 micro_batches, data_error = [], " ".join(str(e).split())
+            logged = (state.step + 1) % cfg.logging.every_steps == 0 or state.step + 1 == total
             res = train_step(
-                engine, micro_batches, cfg.train.max_grad_norm, state.step + 1, data_error
+                engine,
+                micro_batches,
+                cfg.train.max_grad_norm,
+                state.step + 1,
+                data_error,
+                read=logged,
             )
             step_time = time.perf_counter() - step_start
             state.step += 1
             state.tokens_seen += res.num_input_tokens
             throughput.add_step(res.num_input_tokens, res.num_total_tokens, res.num_attention_pairs)
-            result.losses.append(res.loss if not (res.skipped or res.empty) else float("nan"))
             if res.empty:
                 check_empty_step(cfg, ctx, state, data_metrics)
-            if res.skipped:
-                state.num_skipped_steps += 1
-                state.consecutive_nonfinite += 1
-                log.warning(
-                    "step %d: non-finite loss (%s) or grad norm (%s); optimizer step skipped on "
-                    "all ranks (%d skipped so far)",
-                    state.step,
-                    res.loss,
-                    res.grad_norm,
-                    state.num_skipped_steps,
-                )
-                if state.consecutive_nonfinite >= cfg.train.max_consecutive_nonfinite:
-                    err = NonFiniteLossError(  # collective: decided from global sums
-                        f"{state.consecutive_nonfinite} consecutive steps had a non-finite loss or "
-                        f"gradient norm (last at step {state.step}); stopping. Lower optim.lr, "
-                        "check the data, or raise train.max_consecutive_nonfinite"
-                    )
-                    mark_collective(err)
-                    raise err
+            if res.pending is not None:
+                pending.append((state.step, res))
             else:
-                state.consecutive_nonfinite = 0
+                flush()
+                settle(state.step, res)
+            stop_if_too_many()
 
-            if state.step % cfg.logging.every_steps == 0 or state.step == total:
+            if logged:
                 scalars = {
                     "train/loss": res.loss,
                     "train/lr": lr,
@@ -433,12 +486,15 @@ def train(
             if on_step_end is not None and on_step_end(state, res):
                 result.stopped = True
                 break
+            stop_if_too_many()  # a checkpoint may have read pending steps
         else:
             run_eval()
+        flush()
         if data_metrics is not None:
             result.data_totals = data_totals(ctx, data_metrics())
         result.throughput = throughput.summary()
     finally:
+        state.flush = None
         progress.close()
         writer.close()
     return result

@@ -65,6 +65,8 @@ class DDPBackend:
             precision=cfg.train.precision,
             loss_impl=cfg.train.loss_impl,
             loss_chunk_tokens=cfg.train.loss_chunk_tokens,
+            grad_reduce_dtype=cfg.train.grad_reduce_dtype,
+            compile_blocks=cfg.train.compile,
         )
 
     def load_weights(self, engine_dir: Path, model: nn.Module) -> None:

@@ -19,10 +19,13 @@ from trainer.dist import DistContext
 from trainer.engine.base import GRAD_SCALER_FILE, autocast_context
 from trainer.engine.precision import (
     PrecisionPolicy,
+    bf16_all_reduce_hook,
     cast_trainable_params,
     resolve_precision,
 )
+from trainer.model.compile import compile_blocks as compile_model_blocks
 from trainer.model.loss import DEFAULT_CHUNK_TOKENS, build_train_loss
+from trainer.optim import is_fused
 
 log = logging.getLogger("fttrain")
 
@@ -47,9 +50,12 @@ class DDPEngine:
         precision: str | PrecisionPolicy = "auto",
         loss_impl: str = "auto",
         loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        grad_reduce_dtype: str = "fp32",
+        compile_blocks: bool = False,
     ):
         """`loss_impl`, `loss_chunk_tokens`: train.loss_impl / train.loss_chunk_tokens (see
-        trainer.model.loss.build_train_loss)."""
+        trainer.model.loss.build_train_loss). `grad_reduce_dtype`: train.grad_reduce_dtype.
+        `compile_blocks`: train.compile (see trainer.model.compile.compile_blocks)."""
         self.ctx = ctx
         self.module = model
         self.optimizer = optimizer
@@ -62,17 +68,33 @@ class DDPEngine:
         self.policy = precision
         if ctx.is_main:
             self.policy.log()
+            log.info("optimizer: AdamW, %s", "fused" if is_fused(optimizer) else "foreach")
         cast_trainable_params(model, self.policy.param_dtype)
         self.scaler = torch.amp.GradScaler(ctx.device.type) if self.policy.loss_scaling else None
         if ctx.distributed:
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            self.model: nn.Module = DDP(model, device_ids=device_ids)
+            # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets,
+            # so they take no memory of their own and are not copied out of the buckets after
+            # each all-reduce. zero_grad(set_to_none=True) is fine with it (DDP re-views them on
+            # the next backward); nothing may assign a new tensor to a `.grad`.
+            self.model: nn.Module = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
+            if grad_reduce_dtype == "bf16":
+                # Half the bytes on the wire; every averaged gradient is rounded to bf16.
+                self.model.register_comm_hook(None, bf16_all_reduce_hook)
         else:
             self.model = model
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.loss = build_train_loss(model, loss_impl, loss_chunk_tokens, ctx.device)
         if ctx.is_main:
             log.info("%s", self.loss.describe())
+        if compile_blocks:
+            # After build_train_loss: its probe is a no-grad forward, which would otherwise be
+            # compiled too, for nothing. Each block is compiled in place (the module objects,
+            # DDP's parameter hooks and the state-dict names stay as they are), so doing it
+            # after DDP has wrapped the model changes nothing else.
+            num_blocks = compile_model_blocks(model)
+            if ctx.is_main:
+                log.info("torch.compile: %d blocks (compiled on the first steps)", num_blocks)
         self._stager: dcp_io.ReusedStagingBuffers | None = None  # kept across async saves
 
     def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -116,7 +138,27 @@ class DDPEngine:
             self.trainable, max_norm if max_norm is not None else float("inf"), foreach=True
         )
 
-    def optimizer_step(self, skip: bool) -> None:
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether `optimizer_step` can take the skip decision as a device tensor: fused AdamW
+        reads `found_inf` on the device (and undoes its step count), so the loop need not read
+        the loss back before stepping. Not with fp16's GradScaler, which decides itself."""
+        return self.scaler is None and is_fused(self.optimizer)
+
+    def optimizer_step(self, skip: bool, found_inf: torch.Tensor | None = None) -> None:
+        """Step (unless `skip`); `found_inf` (with `skips_on_device`): a 0/1 device tensor, 1 =
+        leave the weights and the optimizer state as they are, decided without a host sync."""
+        if found_inf is not None:
+            assert self.skips_on_device and not skip
+            # The attributes GradScaler uses to hand a fused optimizer its overflow flag.
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, found_inf.float()
+            try:
+                self.optimizer.step()
+            finally:
+                self.optimizer.grad_scale = self.optimizer.found_inf = None
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return
         if self.scaler is not None:
             if not skip:
                 self.scaler.step(self.optimizer)

@@ -55,6 +55,12 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
+def offloads_optimizer(zero: dict[str, Any]) -> bool:
+    """Whether a `zero_optimization` section puts the optimizer state and step on the CPU (or
+    NVMe): zero_optimization.offload_optimizer.device other than none."""
+    return zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+
+
 def resolve_deepspeed_config(
     raw: dict[str, Any], cfg: RunConfig, derived: Derived, device_type: str, source: str
 ) -> dict[str, Any]:
@@ -153,15 +159,18 @@ def resolve_deepspeed_config(
                     "method=qlora: ZeRO++ re-quantizes the weights to int8, which corrupts the "
                     "bitsandbytes-quantized base; remove it (or use method=lora)"
                 )
-    offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     # Our client optimizer is torch AdamW (weight-decay groups, LambdaLR); DeepSpeed refuses it
-    # under offload or ZeRO unless told these two switches.
+    # under offload or ZeRO unless told these two switches. Under offload it is DeepSpeed's CPU
+    # Adam where that op builds, else torch's AdamW again (deepspeed_engine.build_client_optimizer),
+    # which the second switch must allow.
     ds.setdefault("zero_allow_untested_optimizer", True)
-    if offload:
+    if offloads_optimizer(zero):
         if ds.get("zero_force_ds_cpu_optimizer", AUTO) not in (AUTO, False):
             problems.append(
                 f"deepspeed zero_force_ds_cpu_optimizer=true {where} conflicts with optim.*: the "
-                "trainer's AdamW runs on the offloaded states; set it to false or remove it"
+                "trainer picks the optimizer that runs on the offloaded states (DeepSpeed's CPU "
+                "Adam, or torch's AdamW where that op cannot be built); set it to false or "
+                "remove it"
             )
         ds["zero_force_ds_cpu_optimizer"] = False
     ds.setdefault("steps_per_print", 10**9)  # the loop logs; DeepSpeed's own lines are noise

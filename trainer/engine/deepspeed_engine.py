@@ -24,6 +24,9 @@ How the protocol maps onto DeepSpeed:
   copies back and all-gathers are the unchanged ones, on every rank.
 - LR schedule: our LambdaLR on the client AdamW, stepped here after every optimizer step (skipped
   or not). It is not handed to DeepSpeed, which would not advance it on a step it skips itself.
+- Optimizer offload (zero_optimization.offload_optimizer): the client optimizer is DeepSpeed's
+  CPU Adam in AdamW mode, on the same groups and settings (`build_client_optimizer`); torch's
+  AdamW where its C++ op cannot be built, with the reason logged.
 """
 
 from __future__ import annotations
@@ -41,14 +44,18 @@ import torch.distributed as dist
 from torch import nn
 
 from data.loader import MODEL_INPUT_KEYS
-from trainer.config import Derived, RunConfig
-from trainer.dist import DistContext, barrier
-from trainer.engine.deepspeed_config import validate_deepspeed_config, zero_stage
-from trainer.engine.deepspeed_ops import load_comm_op
+from trainer.config import Derived, OptimConfig, RunConfig
+from trainer.dist import DistContext, barrier, gather_objects
+from trainer.engine.deepspeed_config import (
+    offloads_optimizer,
+    validate_deepspeed_config,
+    zero_stage,
+)
+from trainer.engine.deepspeed_ops import load_comm_op, load_cpu_adam_op
 from trainer.engine.precision import PrecisionPolicy, cast_trainable_params, resolve_run_precision
 from trainer.model.loss import DEFAULT_CHUNK_TOKENS, build_train_loss
 from trainer.model.methods import load_model
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.optim import build_optimizer, build_scheduler, param_groups
 
 TAG = "ds"  # the sub-directory DeepSpeed writes its shards into
 UNIVERSAL_TAG = f"{TAG}_universal"
@@ -413,7 +420,7 @@ def build_deepspeed_engine(cfg: RunConfig, derived: Derived, ctx: DistContext) -
         # partitions in the configured dtype.
         cast_trainable_params(model, policy.param_dtype)
     # Under ZeRO-3 parameters are partitioned placeholders; split_decay_groups reads ds_shape.
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_client_optimizer(model, cfg.optim, ds_config, ctx)
     # DeepSpeed cannot flatten an empty group (e.g. LoRA with no trainable 1-D params).
     optimizer.param_groups = [g for g in optimizer.param_groups if g["params"]]
     scheduler = build_scheduler(optimizer, cfg.schedule, derived.total_steps, derived.warmup_steps)
@@ -428,6 +435,61 @@ def build_deepspeed_engine(cfg: RunConfig, derived: Derived, ctx: DistContext) -
         loss_impl=cfg.train.loss_impl,
         loss_chunk_tokens=cfg.train.loss_chunk_tokens,
     )
+
+
+def build_client_optimizer(
+    model: nn.Module, cfg: OptimConfig, ds_config: dict[str, Any], ctx: DistContext
+) -> torch.optim.Optimizer:
+    """The optimizer ZeRO drives on its fp32 partitions: torch's AdamW (`build_optimizer`), or,
+    with the optimizer offloaded to the CPU, DeepSpeed's CPU Adam in AdamW mode on the same
+    groups and settings: its vectorized C++ step is 5x faster than torch's foreach AdamW on
+    the CPU (20M parameters, 2 cores: 0.03 s vs 0.15 s), where an offloaded run spends much of
+    its step. Its op is JIT-compiled (a C++ compiler, a minute once); if it cannot be loaded on
+    some rank, every rank takes torch's AdamW (one optimizer for the whole run, one checkpoint
+    format; optim.fused=on makes it as fast) and rank 0 logs why. Collective when distributed."""
+    if not offloads_optimizer(ds_config.get("zero_optimization", {})):
+        return build_optimizer(model, cfg)
+    try:
+        problem = None if load_cpu_adam_op() else "DeepSpeed has no CPU Adam op here"
+    except Exception as e:  # noqa: BLE001 - any failure to build or load it falls back
+        problem = " ".join(str(e).split()) or type(e).__name__  # one line
+    problems = [p for p in gather_objects(ctx, problem) if p]
+    if problems:
+        if ctx.is_main:
+            log.warning(
+                "optimizer offload: torch's AdamW instead of DeepSpeed's CPU Adam (%s)",
+                problems[0],
+            )
+        return build_optimizer(model, cfg, device_type="cpu")  # it steps the CPU partitions
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    optimizer = DeepSpeedCPUAdam(
+        param_groups(model, cfg),
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        adamw_mode=True,
+    )
+    optimizer.register_step_pre_hook(_fit_state_from_torch_adamw)
+    if ctx.is_main:
+        log.info("optimizer offload: DeepSpeed's CPU Adam (AdamW mode)")
+    return optimizer
+
+
+def _fit_state_from_torch_adamw(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    """Before each CPU Adam step: state restored from a checkpoint written with torch's AdamW
+    (offload before CPU Adam was used, or the fallback) lacks CPU Adam's group keys
+    (`bias_correction`) and holds each step count as a float tensor, which CPU Adam's C++
+    update refuses. A step hook, not a load hook: ZeRO restores optimizer state by several
+    paths, some of which write the state directly."""
+    for group in optimizer.param_groups:
+        for key, value in optimizer.defaults.items():
+            group.setdefault(key, value)
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            state["step"] = int(step.item())  # a CPU tensor (offload): no device sync
 
 
 def _reentrant_checkpointing_with_frozen_params(model: nn.Module, cfg: RunConfig) -> None:

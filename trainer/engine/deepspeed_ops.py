@@ -1,18 +1,21 @@
-"""DeepSpeed's CPU communication op: built once into the venv, never waited on forever.
+"""DeepSpeed's JIT-built C++ ops: built once into the venv, never waited on forever.
 
-On a CPU accelerator DeepSpeed's communication layer loads `deepspeed_shm_comm`, a C++ op it
-compiles on first use with torch's JIT loader (`torch.utils.cpp_extension.load`) into
-`$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/` (default `~/.cache/torch_extensions/py3X_cpu/...`,
-shared by every venv of the user). The compile takes minutes and says nothing. Torch guards it
+Two ops are loaded here: on a CPU accelerator DeepSpeed's communication layer loads
+`deepspeed_shm_comm`; with the optimizer offloaded to the CPU the trainer uses DeepSpeed's CPU
+Adam, `cpu_adam` (trainer/engine/deepspeed_engine.py, any accelerator). DeepSpeed compiles each on
+first use with torch's JIT loader (`torch.utils.cpp_extension.load`) into
+`$TORCH_EXTENSIONS_DIR/<op name>/` (default `~/.cache/torch_extensions/py3X_cpu/...`, shared by
+every venv of the user). The compile takes a minute or more and says nothing. Torch guards it
 with a lock file, `<build dir>/lock`, created with O_EXCL and removed when the build ends; a
 process that finds it there spins until it disappears. A builder killed mid-build (SIGKILL, OOM,
 a test timeout) therefore leaves the file behind, and every later DeepSpeed run waits forever.
 
 Here:
 - `TORCH_EXTENSIONS_DIR` defaults to `<venv>/torch_extensions` (a value the user set is kept),
-  so the op is owned by this project's venv and other venvs cannot rebuild it under us;
-  `make install` builds it (`python -m trainer.engine.deepspeed_ops --build`).
-- `load_comm_op()` loads it before DeepSpeed does (DeepSpeed then reuses the loaded module),
+  so the ops are owned by this project's venv and other venvs cannot rebuild them under us;
+  `make install` builds them (`python -m trainer.engine.deepspeed_ops --build`).
+- `load_comm_op()` / `load_cpu_adam_op()` load an op before DeepSpeed does (DeepSpeed then
+  reuses the loaded module),
   announcing a build, waiting for another process's build with a bound and a message, and
   turning a stale lock into `DeepSpeedOpError`, one line naming the file to remove.
 
@@ -49,6 +52,9 @@ from types import ModuleType
 log = logging.getLogger("fttrain")
 
 OP_NAME = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME: also the name of its build dir
+CPU_ADAM_OP_NAME = "cpu_adam"  # CPUAdamBuilder.NAME
+COMM_OP = "CPU communication op"  # how messages name each op
+CPU_ADAM_OP = "CPU Adam op"
 LOCK_NAME = "lock"  # torch's FileBaton file inside the build dir (cpp_extension._jit_compile)
 TURN_NAME = "build.flock"  # ours: the turn among this project's processes
 DEFAULT_WAIT_S = 1200.0  # a build takes 1-4 min on 2 busy cores; 20 min means something is wrong
@@ -57,11 +63,11 @@ POLL_S = 0.5
 REPORT_AFTER_S = 5.0
 REPORT_EVERY_S = 60.0
 
-_loaded: ModuleType | None = None
+_loaded: dict[str, ModuleType] = {}  # builder class name -> loaded op
 
 
 class DeepSpeedOpError(RuntimeError):
-    """DeepSpeed's CPU communication op cannot be built or loaded (stale lock, endless wait)."""
+    """A DeepSpeed op cannot be built or loaded (stale lock, endless wait)."""
 
 
 def project_extensions_dir() -> Path | None:
@@ -84,21 +90,26 @@ def use_project_extensions_dir() -> Path | None:
     return root
 
 
-def comm_op_build_dir() -> Path:
-    """The directory torch builds the op in (and keeps its `lock` in), for the current env."""
+def op_build_dir(name: str) -> Path:
+    """The directory torch builds op `name` in (and keeps its `lock` in), for the current env."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if root:
         # With the variable set, torch uses `$TORCH_EXTENSIONS_DIR/<name>` as is.
-        return Path(root) / OP_NAME
+        return Path(root) / name
     # Unset: torch adds a python/accelerator folder to its default root; ask torch itself.
     from torch.utils.cpp_extension import _get_build_directory
 
-    return Path(_get_build_directory(OP_NAME, verbose=False))
+    return Path(_get_build_directory(name, verbose=False))
+
+
+def comm_op_build_dir() -> Path:
+    return op_build_dir(OP_NAME)
 
 
 def is_built(build_dir: Path) -> bool:
-    """A compiled module is there (`<name>.so`, or `<name>_vN.so` after torch's rebuilds)."""
-    return any(build_dir.glob(f"{OP_NAME}*.so"))
+    """A compiled module is there (`<name>.so`, or `<name>_vN.so` after torch's rebuilds; the
+    build dir is named for the op)."""
+    return any(build_dir.glob(f"{build_dir.name}*.so"))
 
 
 # -- who holds torch's lock ------------------------------------------------------------------
@@ -170,14 +181,14 @@ def lock_state(lock: Path, confirm_s: float = CONFIRM_S) -> tuple[str, list[int]
         return ("stale", []) if again[1] else ("unknown", [])
 
 
-def stale_lock_error(lock: Path) -> DeepSpeedOpError:
+def stale_lock_error(lock: Path, what: str = COMM_OP) -> DeepSpeedOpError:
     return DeepSpeedOpError(
-        f"{lock}: stale lock left by an interrupted build of DeepSpeed's CPU communication op; "
+        f"{lock}: stale lock left by an interrupted build of DeepSpeed's {what}; "
         f"remove it and rerun (rm {lock})"
     )
 
 
-def wait_for_lock(lock: Path, deadline: float) -> None:
+def wait_for_lock(lock: Path, deadline: float, what: str = COMM_OP) -> None:
     """Return once torch's build lock is gone. Raise `DeepSpeedOpError` if it is stale, or if
     it is still there at `deadline` (time.monotonic())."""
     reported = -math.inf  # report at once: a held lock means a build is running
@@ -186,26 +197,24 @@ def wait_for_lock(lock: Path, deadline: float) -> None:
         if state == "absent":
             return
         if state == "stale":
-            raise stale_lock_error(lock)
+            raise stale_lock_error(lock, what)
         now = time.monotonic()
         who = f"process {', '.join(map(str, pids))}" if pids else "a process that cannot be seen"
         if now >= deadline:
             raise DeepSpeedOpError(
-                f"{lock}: DeepSpeed's CPU communication op is still being built by {who}; "
+                f"{lock}: DeepSpeed's {what} is still being built by {who}; "
                 "wait for it, or stop it (or, if no build is running, rm the lock) and rerun"
             )
         if now - reported >= REPORT_EVERY_S:
             log.info(
-                "waiting for %s, which is building DeepSpeed's CPU communication op into %s",
-                who,
-                lock.parent,
+                "waiting for %s, which is building DeepSpeed's %s into %s", who, what, lock.parent
             )
             reported = now
         time.sleep(POLL_S)
 
 
 @contextlib.contextmanager
-def _build_turn(build_dir: Path, deadline: float) -> Iterator[None]:
+def _build_turn(build_dir: Path, deadline: float, what: str = COMM_OP) -> Iterator[None]:
     """Hold this project's build turn. While waiting for it, watch torch's lock: a holder
     stuck on a stale lock must not keep the others waiting on it."""
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -221,20 +230,20 @@ def _build_turn(build_dir: Path, deadline: float) -> Iterator[None]:
                 pass
             lock = build_dir / LOCK_NAME
             if lock_state(lock)[0] == "stale":
-                raise stale_lock_error(lock)
+                raise stale_lock_error(lock, what)
             now = time.monotonic()
             turn.seek(0)
             holder = turn.read().strip() or "?"
             if now >= deadline:
                 raise DeepSpeedOpError(
                     f"{build_dir}: process {holder} is still building or loading DeepSpeed's "
-                    "CPU communication op; wait for it, or stop it and rerun"
+                    f"{what}; wait for it, or stop it and rerun"
                 )
             if now - reported >= REPORT_EVERY_S:
                 log.info(
-                    "waiting for process %s, which is building DeepSpeed's CPU communication op "
-                    "into %s",
+                    "waiting for process %s, which is building DeepSpeed's %s into %s",
                     holder,
+                    what,
                     build_dir,
                 )
                 reported = now
@@ -249,71 +258,86 @@ def _build_turn(build_dir: Path, deadline: float) -> Iterator[None]:
             fcntl.flock(turn, fcntl.LOCK_UN)
 
 
-def _comm_op_builder():  # -> deepspeed OpBuilder | None
-    """DeepSpeed's builder for the op, or None where DeepSpeed would not load it (another
-    accelerator, a platform without it) - the same test as deepspeed.comm.torch.build_shm_op."""
+def _op_builder(class_name: str):  # -> deepspeed OpBuilder | None
+    """DeepSpeed's builder of an op for this accelerator, or None where DeepSpeed would not load
+    it (no such op for this accelerator, a platform without it) - for the comm op the same test
+    as deepspeed.comm.torch.build_shm_op."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    builder = get_accelerator().create_op_builder(class_name)
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return None
     return builder
 
 
-def load_comm_op(wait_s: float = DEFAULT_WAIT_S) -> ModuleType | None:
-    """Build if needed and load DeepSpeed's CPU communication op, before DeepSpeed would:
-    DeepSpeed's op builders keep loaded ops, so its own load then returns this module. None
-    where DeepSpeed does not use the op. Raises `DeepSpeedOpError` on a stale lock or when
+def _load_op(class_name: str, what: str, wait_s: float) -> ModuleType | None:
+    """Build if needed and load op `class_name` (a DeepSpeed OpBuilder), before DeepSpeed
+    would: its op builders keep loaded ops, so its own load then returns this module. None where
+    DeepSpeed does not have the op here. Raises `DeepSpeedOpError` on a stale lock or when
     another process's build has not finished within `wait_s`."""
-    global _loaded
-    if _loaded is not None:
-        return _loaded
+    if class_name in _loaded:
+        return _loaded[class_name]
     use_project_extensions_dir()
-    builder = _comm_op_builder()
+    builder = _op_builder(class_name)
     if builder is None:
         return None
-    build_dir = comm_op_build_dir()
+    build_dir = op_build_dir(builder.NAME)
     deadline = time.monotonic() + wait_s
-    with _build_turn(build_dir, deadline):
+    with _build_turn(build_dir, deadline, what):
         # Our turn: a lock still there was left by a dead builder, or is held by a process
         # outside this project sharing the directory.
-        wait_for_lock(build_dir / LOCK_NAME, deadline)
+        wait_for_lock(build_dir / LOCK_NAME, deadline, what)
         fresh = not is_built(build_dir)
         if fresh:
             log.info(
-                "building DeepSpeed's CPU communication op into %s "
-                "(once; half a minute to a few minutes)...",
+                "building DeepSpeed's %s into %s (once; half a minute to a few minutes)...",
+                what,
                 build_dir,
             )
         started = time.monotonic()
-        _loaded = builder.load(verbose=False)
+        _loaded[class_name] = builder.load(verbose=False)
         if fresh:
-            log.info("built DeepSpeed's CPU communication op in %.0fs", time.monotonic() - started)
-    return _loaded
+            log.info("built DeepSpeed's %s in %.0fs", what, time.monotonic() - started)
+    return _loaded[class_name]
+
+
+def load_comm_op(wait_s: float = DEFAULT_WAIT_S) -> ModuleType | None:
+    """DeepSpeed's CPU communication op (see `_load_op`); None on other accelerators."""
+    return _load_op("ShareMemCommBuilder", COMM_OP, wait_s)
+
+
+def load_cpu_adam_op(wait_s: float = DEFAULT_WAIT_S) -> ModuleType | None:
+    """DeepSpeed's CPU Adam op, which DeepSpeedCPUAdam runs (see `_load_op`); None where
+    DeepSpeed has none. A compiler error raises as DeepSpeed's loader raises it."""
+    return _load_op("CPUAdamBuilder", CPU_ADAM_OP, wait_s)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.engine.deepspeed_ops",
-        description="Build DeepSpeed's CPU communication op into this venv "
+        description="Build DeepSpeed's CPU communication op and CPU Adam op into this venv "
         "(TORCH_EXTENSIONS_DIR, default <venv>/torch_extensions).",
     )
-    parser.add_argument("--build", action="store_true", required=True, help="build it now")
+    parser.add_argument("--build", action="store_true", required=True, help="build them now")
     parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("DeepSpeed", "deepspeed"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     use_project_extensions_dir()
-    try:
-        module = load_comm_op()
-    except Exception as e:  # noqa: BLE001 - a compiler error is reported, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if module is None:
-        print("DeepSpeed does not use its CPU communication op here; nothing to build")
-    else:
-        print(f"DeepSpeed's CPU communication op is ready in {comm_op_build_dir()}")
+    for what, load, name in (
+        (COMM_OP, load_comm_op, OP_NAME),
+        (CPU_ADAM_OP, load_cpu_adam_op, CPU_ADAM_OP_NAME),
+    ):
+        try:
+            module = load()
+        except Exception as e:  # noqa: BLE001 - a compiler error is reported, not a traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        if module is None:
+            print(f"DeepSpeed does not use its {what} here; nothing to build")
+        else:
+            print(f"DeepSpeed's {what} is ready in {op_build_dir(name)}")
     return 0
 
 

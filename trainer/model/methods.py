@@ -118,11 +118,12 @@ def freeze_layers(model: nn.Module, cfg: RunConfig) -> None:
             block.requires_grad_(False)
 
 
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's stack of transformer blocks: the longest nn.ModuleList in it."""
+def transformer_blocks(model: nn.Module, key: str = "freeze.first_layers") -> list[nn.Module]:
+    """The model's stack of transformer blocks: the longest nn.ModuleList in it. `key`: the
+    setting that asked, named by the error if there is none."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     if not lists:
-        raise MethodError("freeze.first_layers: no stack of transformer blocks found")
+        raise MethodError(f"{key}: no stack of transformer blocks found")
     return list(max(lists, key=len))
 
 
