@@ -255,6 +255,9 @@ def our_data_config(train_path: Path, setup: Setup, packing: bool) -> Any:
         response_field="output",
         seq_len=setup.seq_len,
         packing=packing,
+        # The peers get the same samples per step: packing inside each micro-batch (the
+        # token-budget default would change the samples and the batch size in samples).
+        pack_scope="micro_batch",
         num_workers=setup.num_workers,
     )
 
@@ -539,6 +542,7 @@ def our_config(assets: Assets, setup: Setup, packing: bool, run_dir: Path) -> di
             "response_field": "output",
             "seq_len": setup.seq_len,
             "packing": packing,
+            "pack_scope": "micro_batch",  # see our_data_config
             "num_workers": setup.num_workers,
         },
         "train": {
