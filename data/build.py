@@ -11,7 +11,13 @@ import os
 from typing import Any
 
 from data.config import DataConfig
-from data.loader import DataError, InstructionDataset, StepBatches, build_map_style
+from data.loader import (
+    DataError,
+    InstructionDataset,
+    StepBatches,
+    build_map_style,
+    jsonl_records,
+)
 from data.shards import MANIFEST_NAME, ShardSet, ShardUnreadable, find_manifest
 from data.streaming import build_streaming
 
@@ -72,3 +78,55 @@ def build_eval_dataset(cfg: DataConfig, tokenizer: Any) -> InstructionDataset | 
         return InstructionDataset(cfg.eval_path, tokenizer, cfg, records, key=key)
     except ShardUnreadable as e:
         raise DataError(f"{key}: {e}") from None
+
+
+def discover_labels(cfg: DataConfig, log_to: Any = None) -> list[str]:
+    """data.labels when unset (format: classification): every label value of the training data,
+    as names sorted, or for integer labels the ids 0..max as names "0".."max". One pass over the
+    data (set data.labels to skip it). Rows that cannot be decoded or have no usable label are
+    left to the training reader, which counts them."""
+    import json
+
+    path, key = cfg.train_path, cfg.label_field
+    if uses_shards(cfg, path):
+        try:
+            rows = (data for _, _, data in ShardSet(path, cfg.storage_options).iter_rows())
+        except ShardUnreadable as e:
+            raise DataError(f"data.train_path: {e}") from None
+    else:
+        rows = (data for _, data in jsonl_records(path, "data.train_path"))
+    names: set[str] = set()
+    ids: set[int] = set()
+    seen = 0
+    for data in rows:
+        seen += 1
+        try:
+            value = json.loads(data).get(key)
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, str) and value.strip():
+            names.add(value)
+    if names and ids:
+        raise DataError(
+            f"data.labels: {path} mixes string and integer labels in '{key}' "
+            f"(e.g. {sorted(names)[0]!r} and {min(ids)}); set data.labels to the names in id order"
+        )
+    if ids:
+        if min(ids) < 0:
+            raise DataError(f"data.labels: {path} has the negative label {min(ids)} in '{key}'")
+        labels = [str(i) for i in range(max(ids) + 1)]
+    else:
+        labels = sorted(names)
+    if len(labels) < 2:
+        raise DataError(
+            f"data.labels: {seen} rows of {path} give {len(labels)} distinct value(s) of "
+            f"data.label_field={key!r}; a classifier needs at least 2 (or set data.labels)"
+        )
+    if log_to is not None:
+        shown = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")
+        log_to.info("data.labels: %d labels discovered in %s: %s", len(labels), path, shown)
+    return labels

@@ -27,8 +27,11 @@ class DataConfig(Section):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec storage options for shard URLs (e.g. s3 creds)."
     )
-    format: Literal["instruction", "text", "chat"] = Field(
-        "instruction", description="How rows are rendered: instruction, text or chat."
+    format: Literal["instruction", "text", "chat", "classification"] = Field(
+        "instruction",
+        description="How rows are rendered: instruction, text or chat (causal LM); "
+        "classification (task=sequence_classification): text_field (+ text_pair_field) and "
+        "label_field.",
     )
     template: Literal["alpaca", "compact"] = Field(
         "alpaca", description="Prompt template for the instruction format."
@@ -39,6 +42,19 @@ class DataConfig(Section):
     text_field: str = Field("text", description="Row key of the text (format: text).")
     messages_field: str = Field(
         "messages", description="Row key of the message list (format: chat)."
+    )
+    text_pair_field: str | None = Field(
+        None,
+        description="format: classification: row key of an optional second text (sentence "
+        "pairs: NLI, question/passage), encoded as the tokenizer's pair.",
+    )
+    label_field: str = Field("label", description="Row key of the label (format: classification).")
+    labels: list[str] | None = Field(
+        None,
+        description="format: classification: the label names, in id order. A string label in a "
+        "row is a name of this list, an integer label its id. Unset: discovered from the "
+        "training data (sorted names, or 0..max for integer labels) and saved with the run and "
+        "the exported model (id2label). A label outside the list is a bad row.",
     )
     role_key: str = Field("role", description="Message key of the role (format: chat).")
     content_key: str = Field("content", description="Message key of the content (format: chat).")

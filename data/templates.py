@@ -194,7 +194,7 @@ def encode_instruction(
 # ---------------------------------------------------------------------------------------------
 # Plain text and chat formats, and one entry point that validates a row of any format.
 
-FORMATS = ("instruction", "text", "chat")
+FORMATS = ("instruction", "text", "chat", "classification")
 # Roles a template is given; `data.role_map` renames others (ShareGPT's human/gpt) to these.
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -337,12 +337,18 @@ def field_hint(row: dict[str, Any], cfg: Any) -> str:
             )
         return ""
     fields = (
-        [cfg.text_field] if cfg.format == "text" else [cfg.instruction_field, cfg.response_field]
+        [cfg.text_field]
+        if cfg.format == "text"
+        else [cfg.text_field, cfg.label_field]
+        if cfg.format == "classification"
+        else [cfg.instruction_field, cfg.response_field]
     )
     if all(f in row for f in fields):
         return ""  # the keys match; a value is null: the row's fault, not the config's
     if cfg.format == "text":
         need = f"data.text_field={cfg.text_field!r}"
+    elif cfg.format == "classification":
+        need = f"data.text_field={cfg.text_field!r} / data.label_field={cfg.label_field!r}"
     else:
         need = (
             f"data.instruction_field={cfg.instruction_field!r} / "
@@ -373,7 +379,55 @@ def encode_row(row: Any, tokenizer: Any, cfg: Any) -> TokenizedSample:
         raise
 
 
+def label_id(value: Any, labels: list[str] | None, key: str) -> int:
+    """The class id of a row's label: a string is a name of `labels`, an integer its id.
+    RowError(missing_field / wrong_type / unknown_label) otherwise."""
+    if value is None:
+        raise RowError("missing_field", f"missing field '{key}'")
+    if labels is None:  # discovery has not run (data.labels unset outside a training run)
+        raise RowError("unknown_label", f"label {value!r}: data.labels is not set")
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise RowError(
+            "wrong_type",
+            f"field '{key}' must be a string or an integer, got {type(value).__name__}",
+        )
+    if isinstance(value, int):
+        if 0 <= value < len(labels):
+            return value
+        raise RowError("unknown_label", f"label {value} is not an id of the {len(labels)} labels")
+    try:
+        return labels.index(value)
+    except ValueError:
+        shown = ", ".join(labels[:8]) + (", ..." if len(labels) > 8 else "")
+        raise RowError(
+            "unknown_label", f"label {value!r} is not one of data.labels ({shown})"
+        ) from None
+
+
+def encode_classification(row: dict[str, Any], tokenizer: Any, cfg: Any) -> TokenizedSample:
+    """A classification row: the text (and the optional pair) tokenized as the tokenizer does
+    for a pair ([CLS] a [SEP] b [SEP] for BERT), and the class id carried at the last position
+    of `labels` (-100 elsewhere), so that padding, truncation, batching and the per-example
+    count (one target per row, counted after the causal shift) work as for the other formats.
+    The loss reads each row's one label (`labels.max(1)`)."""
+    text = _text_field(row, cfg.text_field)
+    pair = _text_field(row, cfg.text_pair_field) if cfg.text_pair_field else None
+    target = label_id(row.get(cfg.label_field), cfg.labels, cfg.label_field)
+    enc = tokenizer(text, pair, truncation=True, max_length=cfg.seq_len)
+    ids = list(enc["input_ids"])
+    if len(ids) == 1:
+        # One token (a decoder tokenizer without BOS): a pad after it gives the label a position
+        # the shifted count sees; a decoder classifier pools the last non-pad token, this one.
+        pad = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+        ids.append(pad)
+    return TokenizedSample(ids, [IGNORE_INDEX] * (len(ids) - 1) + [target])
+
+
 def _encode(row: dict[str, Any], tokenizer: Any, cfg: Any) -> TokenizedSample:
+    if cfg.format == "classification":
+        return encode_classification(row, tokenizer, cfg)
     if cfg.format == "text":
         return encode_text(tokenizer, _text_field(row, cfg.text_field))
     if cfg.format == "chat":

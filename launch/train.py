@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.build import build_eval_dataset, build_train_batches
-from data.loader import DataError
+from data.build import build_eval_dataset, build_train_batches, discover_labels
+from data.loader import DataError, pad_token_id
 from launch import failures
 from trainer import slurm
 from trainer.build import build_engine, save_hf_model, seed_everything
@@ -126,7 +126,10 @@ def prepare(argv: list[str] | None = None) -> Prepared:
     backend_for(cfg.train.backend).check(cfg, derived)
     seed_everything(cfg.seed)
     check_model_files(cfg.model)
-    tokenizer = build_tokenizer(cfg.model)
+    tokenizer = build_tokenizer(cfg.model, cfg.task)
+    if cfg.task == "sequence_classification" and cfg.data.labels is None:
+        labels = discover_labels(cfg.data, log if world.rank == 0 else None)
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": labels})})
     train_batches = build_train_batches(
         cfg.data,
         tokenizer,
@@ -235,6 +238,13 @@ def _train(
             run_dir,
         )
     engine = build_engine(cfg, derived, ctx)
+    if (
+        cfg.task == "sequence_classification"
+        and engine.unwrapped_model().config.pad_token_id is None
+    ):
+        # A decoder classifier pools its last non-pad token, found by the pad id: batches of
+        # more than one row need it (and the saved model, to be used alike).
+        engine.unwrapped_model().config.pad_token_id = pad_token_id(tokenizer)
     try:
         check_tokenizer_fits(engine.unwrapped_model(), tokenizer, cfg.model)
     except ModelLoadError as e:
@@ -356,10 +366,17 @@ def describe_eval_change(history: list[dict[str, float]]) -> str:
     if len(history) == 1:
         shown = [f"eval loss {last['eval/loss']:.3f} (step {last['step']})"]
         if "eval/accuracy" in last:
-            shown.insert(0, f"exact-match accuracy {100 * last['eval/accuracy']:.1f}%")
+            kind = "accuracy" if "eval/macro_f1" in last else "exact-match accuracy"
+            shown.insert(0, f"{kind} {100 * last['eval/accuracy']:.1f}%")
         return "; ".join(shown)
     parts = []
-    if "eval/accuracy" in last:
+    if "eval/macro_f1" in last:  # a classifier
+        parts.append(
+            f"accuracy {100 * first['eval/accuracy']:.1f}% (step {first['step']}) -> "
+            f"{100 * last['eval/accuracy']:.1f}% (step {last['step']}), macro-F1 "
+            f"{first['eval/macro_f1']:.3f} -> {last['eval/macro_f1']:.3f}"
+        )
+    elif "eval/accuracy" in last:
         parts.append(
             f"exact-match accuracy {100 * first['eval/accuracy']:.1f}% (step {first['step']}) -> "
             f"{100 * last['eval/accuracy']:.1f}% (step {last['step']})"

@@ -308,6 +308,14 @@ class SlurmConfig(Section):
 class RunConfig(Section):
     run_dir: str = Field("runs/default", description="Where logs, checkpoints and the model go.")
     seed: int = Field(1234, description="One seed for model init, data order and dropout.")
+    task: Literal["causal_lm", "sequence_classification"] = Field(
+        "causal_lm",
+        description="causal_lm: next-token loss on the response/assistant tokens "
+        "(AutoModelForCausalLM). sequence_classification: one label per row "
+        "(AutoModelForSequenceClassification: encoders such as BERT, or decoders with a score "
+        "head), data.format=classification, cross-entropy per example; eval reports accuracy, "
+        "macro-F1 and a confusion matrix.",
+    )
     model: ModelConfig
     data: DataConfig
     method: Literal["full", "lora", "qlora"] = Field(
@@ -462,6 +470,30 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
+def task_problems(cfg: RunConfig) -> list[str]:
+    """Settings that do not fit `task` (a classifier's rows have no response to learn, a causal
+    LM's no label)."""
+    d, problems = cfg.data, []
+    classify = cfg.task == "sequence_classification"
+    if classify and d.format != "classification":
+        problems.append(
+            f"data.format: task=sequence_classification reads labelled rows: set "
+            f"data.format=classification (got {d.format})"
+        )
+    if not classify and d.format == "classification":
+        problems.append("data.format=classification: needs task=sequence_classification")
+    if classify and d.packing:
+        problems.append(
+            "data.packing: task=sequence_classification takes one row per example; set "
+            "data.packing=false"
+        )
+    if classify and cfg.eval.num_generate:
+        problems.append("eval.num_generate: a classifier does not generate; set it to 0")
+    if cfg.freeze.encoder and not classify:
+        problems.append("freeze.encoder: needs task=sequence_classification (the head trains)")
+    return problems
+
+
 def check_consistency(cfg: RunConfig) -> list[str]:
     """Cross-field rules that no single field's type can express."""
     problems = []
@@ -507,6 +539,7 @@ def check_consistency(cfg: RunConfig) -> list[str]:
         problems.append(f"slurm.signal: {cfg.slurm.signal!r} is not a signal name (e.g. SIGUSR1)")
     elif cfg.slurm.signal in ("SIGINT", "SIGKILL", "SIGSTOP"):
         problems.append(f"slurm.signal: {cfg.slurm.signal} cannot be the warning signal")
+    problems += task_problems(cfg)
     if cfg.eval.every_steps and not cfg.data.eval_path:
         problems.append("eval.every_steps: needs data.eval_path")
     run_dir_problem = directory_problem(Path(cfg.run_dir))

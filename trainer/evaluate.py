@@ -16,7 +16,12 @@ from data.loader import collate_right_pad
 from data.templates import IGNORE_INDEX, TokenizedSample
 from trainer.dist import DistContext, all_reduce_sum
 from trainer.engine.base import autocast_context
-from trainer.model.loss import count_target_tokens, token_loss_sum
+from trainer.model.loss import (
+    class_targets,
+    count_target_tokens,
+    example_loss_sum,
+    token_loss_sum,
+)
 
 
 def _my_share(samples: list[TokenizedSample], ctx: DistContext, limit: int | None) -> list:
@@ -61,6 +66,55 @@ def eval_loss(
     loss_sum, num_tokens = totals.tolist()  # host sync: once per evaluation
     loss = loss_sum / max(num_tokens, 1.0)
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+@torch.no_grad()
+def eval_classification(
+    model: torch.nn.Module,
+    samples: list[TokenizedSample],
+    ctx: DistContext,
+    *,
+    num_labels: int,
+    batch_size: int,
+    pad_id: int,
+    precision: str,
+    max_batches: int | None = None,
+) -> tuple[dict[str, float], list[list[int]]]:
+    """Loss (mean cross-entropy per example), accuracy and macro-F1 of a sequence classifier,
+    and the confusion matrix (rows: true label, columns: predicted), over all ranks."""
+    limit = None if max_batches is None else max_batches * batch_size * ctx.world_size
+    mine = _my_share(samples, ctx, limit)
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=ctx.device)
+    confusion = torch.zeros(num_labels * num_labels, dtype=torch.float64, device=ctx.device)
+    for start in range(0, len(mine), batch_size):
+        batch = collate_right_pad(mine[start : start + batch_size], pad_id)
+        batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        with autocast_context(ctx, precision):
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+        target = class_targets(batch["labels"])
+        loss_sum += example_loss_sum(logits, batch["labels"]).double()
+        kept = target != IGNORE_INDEX  # the fillers of _my_share count for nothing
+        cells = target[kept] * num_labels + logits.argmax(-1)[kept]
+        confusion += torch.bincount(cells, minlength=num_labels * num_labels).double()
+    totals = torch.cat([loss_sum, confusion])
+    all_reduce_sum(ctx, totals)
+    values = totals.tolist()  # host sync: once per evaluation
+    counts = torch.tensor(values[1:], dtype=torch.float64).reshape(num_labels, num_labels)
+    n = float(counts.sum())
+    correct = counts.diagonal()
+    # Macro-F1 over the labels that occur (as truth or prediction); an absent one would only
+    # add an undefined 0/0.
+    true, predicted = counts.sum(1), counts.sum(0)
+    present = (true + predicted) > 0
+    f1 = 2 * correct / (true + predicted).clamp(min=1)
+    scores = {
+        "eval/loss": values[0] / max(n, 1.0),
+        "eval/accuracy": float(correct.sum()) / max(n, 1.0),
+        "eval/macro_f1": float(f1[present].mean()) if bool(present.any()) else 0.0,
+    }
+    return scores, counts.long().tolist()
 
 
 def split_prompt_reference(sample: TokenizedSample) -> tuple[list[int], list[int]]:

@@ -29,7 +29,7 @@ from trainer.dist import (
     sum_counters,
 )
 from trainer.engine.base import Engine
-from trainer.evaluate import eval_exact_match, eval_loss
+from trainer.evaluate import eval_classification, eval_exact_match, eval_loss
 from trainer.flops import model_flops_per_token, num_attention_pairs, resolve_peak_tflops
 from trainer.metrics import MetricsWriter, Progress, Throughput, peak_memory_mb
 from trainer.model.loss import count_target_tokens
@@ -241,11 +241,26 @@ class Evaluator:
     ):
         self.cfg, self.ctx, self.samples = cfg, ctx, samples
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        self.confusion: list[list[int]] | None = None  # the last classification eval's
 
     def __call__(self, engine: Engine) -> dict[str, float]:
         engine.eval()
         model = engine.unwrapped_model()
         ev = self.cfg.eval
+        if self.cfg.task == "sequence_classification":
+            labels = self.cfg.data.labels or []
+            out, self.confusion = eval_classification(
+                model,
+                self.samples,
+                self.ctx,
+                num_labels=len(labels),
+                batch_size=self.cfg.train.micro_batch_size,
+                pad_id=self.pad_id,
+                precision=self.cfg.train.precision,
+                max_batches=ev.max_batches,
+            )
+            engine.train()
+            return out
         out = eval_loss(
             model,
             self.samples,
@@ -370,6 +385,10 @@ def train(
         throughput.exclude(time.perf_counter() - eval_start)  # rates are of training alone
         result.eval_history.append({"step": state.step, **scores})
         writer.write(state.step, scores)
+        confusion = getattr(evaluator, "confusion", None)
+        if confusion is not None:
+            result.eval_history[-1]["confusion_matrix"] = confusion
+            writer.write_confusion(state.step, confusion, cfg.data.labels or [])
         progress.write(
             f"eval @ step {state.step}: "
             + ", ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in scores.items())

@@ -63,6 +63,11 @@ class FreezeSection(Section):
     first_layers: int = Field(
         0, ge=0, description="method=full: do not train the first N transformer blocks."
     )
+    encoder: bool = Field(
+        False,
+        description="task=sequence_classification, method=full: train only the classification "
+        "head (the encoder/decoder body stays frozen).",
+    )
 
 
 def method_problems(

@@ -108,6 +108,29 @@ class MetricsWriter:
         self.jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
         self.jsonl.flush()
 
+    def write_confusion(self, step: int, counts: list[list[int]], labels: list[str]) -> None:
+        """A classifier's confusion matrix (rows: true label, columns: predicted) in
+        TensorBoard: as an image (`eval/confusion_matrix`, each row shaded by its share) and
+        as a table of counts (text), so that it reads without any plotting library."""
+        if not self.enabled or self.tb is None:
+            return
+        m = torch.tensor(counts, dtype=torch.float64)
+        share = m / m.sum(1, keepdim=True).clamp(min=1)
+        cell = max(4, 256 // max(1, len(counts)))  # pixels per cell
+        # White (nothing) to dark blue (the whole row): the diagonal of a good classifier.
+        blue = torch.tensor([0.05, 0.2, 0.6], dtype=torch.float64)
+        img = 1 - share[..., None] * (1 - blue)
+        img = img.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+        self.tb.add_image("eval/confusion_matrix", img.float(), step, dataformats="HWC")
+        names = labels or [str(i) for i in range(len(counts))]
+        head = "| true \\ predicted | " + " | ".join(names) + " |"
+        rule = "|---" * (len(names) + 1) + "|"
+        rows = [
+            f"| {n} | " + " | ".join(str(c) for c in r) + " |"
+            for n, r in zip(names, counts, strict=True)
+        ]
+        self.tb.add_text("eval/confusion_matrix", "\n".join([head, rule, *rows]), step)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.flush()

@@ -18,7 +18,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
 from trainer.config import ModelConfig
 
@@ -49,9 +54,10 @@ class ModelLoadError(RuntimeError):
     """The model or tokenizer at `model.name_or_path` could not be loaded."""
 
 
-def build_tokenizer(cfg: ModelConfig) -> Any:
-    """Load the tokenizer (`model.tokenizer`, else `model.name_or_path`); every sample ends
-    with its eos token, and padding falls back to it."""
+def build_tokenizer(cfg: ModelConfig, task: str = "causal_lm") -> Any:
+    """Load the tokenizer (`model.tokenizer`, else `model.name_or_path`); for a causal LM every
+    sample ends with its eos token, and padding falls back to it. A classifier's tokenizer
+    (BERT's has no eos) needs a pad token, or an eos to pad with."""
     if cfg.tokenizer:
         key, source = "model.tokenizer", cfg.tokenizer
     else:
@@ -75,12 +81,17 @@ def build_tokenizer(cfg: ModelConfig) -> Any:
             f"{key}={source!r}: the tokenizer has only {len(tok)} token(s); its vocabulary file "
             f"({' / '.join(VOCAB_FILES[:3])}) is missing"
         )
-    if tok.eos_token_id is None:
+    if task == "sequence_classification" and tok.pad_token_id is None is tok.eos_token_id:
+        raise ModelLoadError(
+            f"{key}={source!r}: the tokenizer has neither a pad nor an eos token to pad batches "
+            "with; set pad_token in its tokenizer_config.json"
+        )
+    if tok.eos_token_id is None and task != "sequence_classification":
         raise ModelLoadError(
             f"{key}={source!r}: the tokenizer has no eos token (it ends every sample); set "
             "eos_token in its tokenizer_config.json"
         )
-    if tok.pad_token_id is None:
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
         # Many causal LMs ship without a pad token; padding positions carry no loss anyway.
         tok.pad_token = tok.eos_token
     return tok
@@ -91,6 +102,8 @@ def build_model(
     device: torch.device,
     *,
     deepspeed_config: dict[str, Any] | None = None,
+    task: str = "causal_lm",
+    labels: list[str] | None = None,
     **load_kwargs: Any,
 ) -> PreTrainedModel:
     """Load any HF causal LM onto `device` (weights in `model.dtype`; the engine then keeps the
@@ -105,7 +118,12 @@ def build_model(
     rank's shards), so no rank ever holds the full model.
 
     `load_kwargs` go to from_pretrained as they are (the method layer's quantization config
-    and device map, trainer/model/methods.py)."""
+    and device map, trainer/model/methods.py).
+
+    `task=sequence_classification`: AutoModelForSequenceClassification with one output per
+    name of `labels` (id2label/label2id set, so the saved model names its classes). A head of
+    another size in the checkpoint is replaced by a new one (logged by transformers), as is a
+    missing one (a base model such as bert-base-uncased)."""
     zero3 = None
     if deepspeed_config and deepspeed_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations.deepspeed import HfDeepSpeedConfig
@@ -115,9 +133,20 @@ def build_model(
         zero3 = HfDeepSpeedConfig(deepspeed_config)
     key, source = "model.name_or_path", cfg.name_or_path
     asked = cfg.attn_implementation
+    loader = AutoModelForCausalLM.from_pretrained
+    if task == "sequence_classification":
+        assert labels, "data.labels is resolved before the model is built"
+        loader = AutoModelForSequenceClassification.from_pretrained
+        load_kwargs = {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)},
+            "ignore_mismatched_sizes": True,
+            **load_kwargs,
+        }
     try:
         model = _load(
-            AutoModelForCausalLM.from_pretrained,
+            loader,
             key,
             source,
             _local_dir(key, source),

@@ -59,6 +59,26 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+def example_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of the cross-entropy of each example of a classifier's [B, C] logits. `labels`: the
+    batch's [B, T] labels, each row's class id at one position and -100 elsewhere (see
+    data.templates.encode_classification), so an empty slot (all -100) adds nothing and the
+    normalizing count (`count_target_tokens`) is the number of examples."""
+    targets = class_targets(labels)
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def class_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Each row's class id ([B]), -100 for a row without one."""
+    return labels.max(dim=1).values  # ids are >= 0, the rest of the row is -100
+
+
+def is_sequence_classifier(model: nn.Module) -> bool:
+    """Whether `model` (or the model a peft wrapper holds) is an HF sequence classifier."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(inner).__name__.endswith("ForSequenceClassification")
+
+
 def count_target_tokens(labels: torch.Tensor) -> torch.Tensor:
     """Tokens that carry loss in a micro-batch (after the causal shift)."""
     return (labels[:, 1:] != IGNORE_INDEX).sum()
@@ -259,6 +279,8 @@ class TrainLoss:
 
     def describe(self) -> str:
         """One line for the log: which path, and why."""
+        if self.impl == "classification":
+            return "loss: cross-entropy per example over the classifier's logits (fp32)"
         if self.impl == "naive":
             return f"loss: naive (the full logits, upcast to fp32): {self.reason}"
         if self.impl == "chunked":
@@ -271,6 +293,9 @@ class TrainLoss:
         """Run the model's forward (`run_model()`, through whatever wraps it) and return the sum
         of the token losses, connected to the graph for backward. `labels` as the batch has
         them: on the CPU (the chunked loss picks its positions there without a device sync)."""
+        if self.impl == "classification":
+            logits = run_model().logits
+            return example_loss_sum(logits, labels.to(logits.device, non_blocking=True))
         if self.head is None:
             logits = run_model().logits
             return token_loss_sum(logits, labels.to(logits.device, non_blocking=True))
@@ -327,7 +352,10 @@ def build_train_loss(
     """Choose the training loss for `model` (an HF causal LM, possibly wrapped by peft; the
     module DDP or DeepSpeed wraps, not the wrapper). `auto`: chunked where the head allows it,
     else naive. An explicit chunked/liger/cce that cannot run raises ConfigError naming
-    train.loss_impl. Runs one tiny no-grad forward (collective under ZeRO-3: every rank builds)."""
+    train.loss_impl. Runs one tiny no-grad forward (collective under ZeRO-3: every rank builds).
+    A sequence classifier gets the per-example cross-entropy whatever loss_impl says."""
+    if is_sequence_classifier(model):
+        return TrainLoss("classification", "task=sequence_classification", None, chunk_tokens)
     if loss_impl == "naive":
         return TrainLoss("naive", "train.loss_impl=naive", None, chunk_tokens)
     if loss_impl in _FUSED_LIBRARIES:

@@ -94,7 +94,9 @@ def load_model(
             # one copy over every GPU of the node (the classic DDP "different devices" error).
             # ZeRO-3 refuses any device_map: DeepSpeed places (and shards) the weights.
             extra["device_map"] = {"": device}
-    model = build_model(cfg.model, device, deepspeed_config=deepspeed_config, **extra)
+    model = build_model(
+        cfg.model, device, deepspeed_config=deepspeed_config, **task_kwargs(cfg), **extra
+    )
     if cfg.method == "full":
         freeze_layers(model, cfg)
     else:
@@ -103,9 +105,18 @@ def load_model(
     return model
 
 
+def task_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """What build_model needs to know of the task (the model class, the labels)."""
+    return {"task": cfg.task, "labels": cfg.data.labels}
+
+
 def freeze_layers(model: nn.Module, cfg: RunConfig) -> None:
-    """`freeze.embeddings` and `freeze.first_layers` of a full fine-tune."""
+    """`freeze.embeddings`, `freeze.first_layers` and `freeze.encoder` of a full fine-tune."""
     f = cfg.freeze
+    if f.encoder:
+        # HF classifiers are the base model (`bert`, `model`, ...) plus their head: freezing
+        # the base leaves exactly the head (BERT's pooler is part of the base) to train.
+        model.base_model.requires_grad_(False)
     if f.embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     if f.first_layers:
@@ -205,7 +216,9 @@ def attach_adapters(model: nn.Module, cfg: RunConfig, zero3: bool) -> nn.Module:
         use_dora=lora.use_dora,
         bias=lora.bias,
         fan_in_fan_out=fan_in_fan_out,
-        task_type="CAUSAL_LM",
+        # SEQ_CLS: peft also trains and saves the classifier head (`classifier`, `score`) in
+        # full, beside lora.modules_to_save.
+        task_type="SEQ_CLS" if cfg.task == "sequence_classification" else "CAUSAL_LM",
     )
     try:
         return get_peft_model(model, config)
@@ -235,13 +248,14 @@ def merged_model(cfg: RunConfig, adapter_dir: Path) -> nn.Module:
         quantized = build_model(
             model_cfg,
             cpu,
+            **task_kwargs(cfg),
             quantization_config=quantization_config(cfg, cpu.type, zero3=False),
             device_map={"": cpu},
         )
         # Upcasting what bitsandbytes dequantizes to (the load dtype, as in training) is exact.
         base = quantized.dequantize(dtype=torch.float32)
     else:
-        base = build_model(model_cfg, cpu)
+        base = build_model(model_cfg, cpu, **task_kwargs(cfg))
     base = base.to(torch.float32)  # norms and embeddings too: one rounding, at the end
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
