@@ -13,6 +13,11 @@ DIR)` loads onto the base (for qlora: the base quantized as in training). With `
 full HF model instead, the adapter merged into the base (for qlora: into the dequantized 4-bit
 base, see trainer/build.py write_adapter); a full fine-tune's export is a full model already,
 and --merge changes nothing there.
+
+With `--onnx` the full model is also exported to ONNX, in DIR/onnx/ (model.onnx, the config and
+tokenizer files), and checked against PyTorch; `--int8` adds model.int8.onnx, ONNX Runtime's
+dynamic int8 quantization. A table of sizes, the logits check and, when the run had eval data,
+the eval scores of the three models is printed (launch/onnx_export.py, docs/export.md).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
 from data.loader import DataError, use_training_template
+from launch.onnx_export import EvalData, OnnxExportError, export_onnx, task_of
 from trainer.build import chat_stop_ids, output_dtype, write_adapter, write_hf_model
 from trainer.checkpoint.dcp_io import UnsafeCheckpointError
 from trainer.checkpoint.files import CheckpointError, describe_error, find_latest_valid, validate
@@ -104,7 +110,9 @@ def load_checkpoint_weights(ckpt: Path, model: torch.nn.Module, backend: str) ->
     backend_for(backend).load_weights(ckpt / "engine", model)
 
 
-def export(checkpoint: Path, output: Path, merge: bool = False) -> Path:
+def export(
+    checkpoint: Path, output: Path, merge: bool = False, onnx: bool = False, int8: bool = False
+) -> Path:
     ckpt = resolve_checkpoint(checkpoint)
     trainer = read_trainer_state(ckpt)
     try:
@@ -114,6 +122,11 @@ def export(checkpoint: Path, output: Path, merge: bool = False) -> Path:
     except (OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{ckpt}/config.yaml: unreadable ({e})") from None
     adapters = cfg.method != "full"
+    if onnx and adapters and not merge:
+        raise CheckpointError(
+            f"{ckpt}: --onnx exports a full model, and this {cfg.method} checkpoint holds "
+            "adapters: add --merge"
+        )
     if merge and not adapters:
         log.info("--merge: %s is a full fine-tune (method: full), exported in full as it is", ckpt)
     cpu = torch.device("cpu")
@@ -122,7 +135,7 @@ def export(checkpoint: Path, output: Path, merge: bool = False) -> Path:
         # whose adapters the checkpoint holds; for a full run with `freeze:` the model whose
         # frozen layers the checkpoint leaves out (they come from the base unchanged).
         model = load_model(cfg, cpu)
-        tokenizer = build_tokenizer(cfg.model)
+        tokenizer = build_tokenizer(cfg.model, cfg.task)
     except ModelLoadError as e:
         # The model path was read from the checkpoint, not typed on this command line: say where.
         raise ModelLoadError(f"{ckpt / 'config.yaml'}: {e}") from None
@@ -134,6 +147,9 @@ def export(checkpoint: Path, output: Path, merge: bool = False) -> Path:
         use_training_template(cfg.data, tokenizer)
     except DataError as e:
         raise CheckpointError(f"{ckpt / 'config.yaml'}: {e}") from None
+    if onnx:  # before anything is written: a model ONNX cannot take fails here, in a second
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        task_of([type(base).__name__], ckpt)
     fingerprint = trainer.get("model_fingerprint", {})
     check_ties(ckpt, fingerprint, model)
     if adapters:
@@ -153,6 +169,11 @@ def export(checkpoint: Path, output: Path, merge: bool = False) -> Path:
         write_hf_model(model, model.state_dict(), tokenizer, output, output_dtype(cfg), stop_ids)
         what = ""
     log.info("exported %s (step %s) to %s%s", ckpt, trainer.get("step"), output, what)
+    if onnx:
+        del model  # the ONNX export loads the written model again, in fp32
+        eval_data = EvalData(Path(cfg.data.eval_path), cfg.data) if cfg.data.eval_path else None
+        report = export_onnx(output, int8=int8, eval_data=eval_data)
+        print(report.table())
     return output
 
 
@@ -166,15 +187,34 @@ def main(argv: list[str] | None = None) -> int:
         help="LoRA/QLoRA checkpoint: write a full model with the adapter merged into the base "
         "(QLoRA: the dequantized base) instead of the adapter; a full fine-tune is unchanged",
     )
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write DIR/onnx/model.onnx (+ config and tokenizer) and check its logits "
+        "against PyTorch's; a causal LM or a sequence classifier",
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="with --onnx: also DIR/onnx/model.int8.onnx (ONNX Runtime dynamic int8 quantization)",
+    )
     args = p.parse_args(argv)
+    if args.int8 and not args.onnx:
+        p.error("--int8 quantizes the ONNX model: add --onnx")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", force=True)
     problem = directory_problem(args.output)
     if problem:  # before the slow part, and instead of mkdir's FileExistsError traceback
         print(f"error: --output: {problem}", file=sys.stderr)
         return 2
     try:
-        export(args.checkpoint, args.output, merge=args.merge)
-    except (CheckpointError, ConfigError, ModelLoadError, UnsafeCheckpointError) as e:
+        export(args.checkpoint, args.output, merge=args.merge, onnx=args.onnx, int8=args.int8)
+    except (
+        CheckpointError,
+        ConfigError,
+        ModelLoadError,
+        UnsafeCheckpointError,
+        OnnxExportError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except CheckpointException as e:  # DCP's read errors (a BaseException, one per rank)
