@@ -216,3 +216,25 @@ def test_settings_that_do_not_fit_the_task_are_config_errors(clf, tmp_path, over
     with pytest.raises(ConfigError) as e:
         load_config(argv[0], argv[1:])
     assert culprit in str(e.value)
+
+
+@pytest.mark.timeout(300)
+def test_qlora_trains_a_decoder_classifier_and_saves_its_head(clf, tmp_path, ranks):
+    """Acceptance 3 (QLoRA for decoder classifiers): a Llama body, 4-bit, a new score head;
+    the pad token is set for pooling the last real token; the adapter keeps the trained head."""
+    from safetensors import safe_open
+
+    from launch.make_demo import build_tiny_model_dir
+
+    llama = build_tiny_model_dir(tmp_path / "llama", seed=0, hidden=32, layers=2, heads=2)
+    run = tmp_path / "run"
+    argv = clf_args(clf, run, f"model.name_or_path={llama}", "method=qlora")
+    summary = ranks(_train_rank, 1, argv)[0]
+    losses = read_losses(run)
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert summary["eval"][-1]["confusion_matrix"]
+    adapter = json.loads((run / "model" / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "SEQ_CLS"
+    with safe_open(str(run / "model" / "adapter_model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert any("score" in n for n in names) and any("lora_" in n for n in names)
