@@ -53,6 +53,20 @@ def test_models_that_mix_packed_samples_are_refused(build):
     assert "\n" not in msg and "data.packing=false" in msg and type(model).__name__ in msg
 
 
+def test_the_bound_is_relative_to_the_logits_scale_and_still_catches_mixing():
+    """Logits in the hundreds (a deep random model in half precision has them in the tens):
+    the error is read against their scale, so rounding does not trip the probe, and a model
+    that mixes samples is still refused at any scale."""
+    opt = tiny_opt()
+    small = packing_error(opt, CPU)
+    # A head of its own (untied from the embedding), 1000x larger: only the logits grow.
+    opt.lm_head.weight = torch.nn.Parameter(opt.lm_head.weight.detach() * 1000.0)
+    scaled = packing_error(opt, CPU)
+    assert scaled > 1e-2 and small / 3 < scaled < small * 3  # not 1000x: read against the scale
+    with pytest.raises(PackingNotExact):
+        check_packing_exact(opt, CPU)
+
+
 def test_cli_refuses_packing_for_opt_in_one_line(tiny_assets, tmp_path, capsys):
     """Through the CLI: an OPT model directory with the char tokenizer, data.packing=true."""
     from transformers import AutoTokenizer

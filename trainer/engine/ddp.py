@@ -13,7 +13,6 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data.loader import MODEL_INPUT_KEYS
 from trainer.checkpoint import dcp_io
 from trainer.dist import DistContext
 from trainer.engine.base import GRAD_SCALER_FILE, autocast_context
@@ -22,6 +21,11 @@ from trainer.engine.precision import (
     bf16_all_reduce_hook,
     cast_trainable_params,
     resolve_precision,
+)
+from trainer.model.attention_inputs import (
+    describe_attention_inputs,
+    model_inputs,
+    plain_causal,
 )
 from trainer.model.compile import compile_blocks as compile_model_blocks
 from trainer.model.loss import DEFAULT_CHUNK_TOKENS, build_train_loss
@@ -85,8 +89,10 @@ class DDPEngine:
             self.model = model
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.loss = build_train_loss(model, loss_impl, loss_chunk_tokens, ctx.device)
+        self._build_mask = plain_causal(model)
         if ctx.is_main:
             log.info("%s", self.loss.describe())
+            log.info("%s", describe_attention_inputs(self._build_mask))
         if compile_blocks:
             # After build_train_loss: its probe is a no-grad forward, which would otherwise be
             # compiled too, for nothing. Each block is compiled in place (the module objects,
@@ -98,11 +104,7 @@ class DDPEngine:
         self._stager: dcp_io.ReusedStagingBuffers | None = None  # kept across async saves
 
     def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {
-            k: batch[k].to(self.ctx.device, non_blocking=True)
-            for k in MODEL_INPUT_KEYS
-            if k in batch
-        }
+        return model_inputs(batch, self.ctx.device, self._build_mask)
 
     def _run_model(self, batch: dict[str, torch.Tensor]) -> Any:
         # Through DDP's forward (when distributed): its reducer must see this forward.

@@ -43,7 +43,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from data.loader import MODEL_INPUT_KEYS
 from trainer.config import Derived, OptimConfig, RunConfig
 from trainer.dist import DistContext, barrier, gather_objects
 from trainer.engine.deepspeed_config import (
@@ -53,6 +52,11 @@ from trainer.engine.deepspeed_config import (
 )
 from trainer.engine.deepspeed_ops import load_comm_op, load_cpu_adam_op
 from trainer.engine.precision import PrecisionPolicy, cast_trainable_params, resolve_run_precision
+from trainer.model.attention_inputs import (
+    describe_attention_inputs,
+    model_inputs,
+    plain_causal,
+)
 from trainer.model.loss import DEFAULT_CHUNK_TOKENS, build_train_loss
 from trainer.model.methods import load_model
 from trainer.optim import build_optimizer, build_scheduler, param_groups
@@ -198,17 +202,15 @@ class DeepSpeedEngine:
         # loss runs inside the head's forward, so under ZeRO-3 the head's own hooks gather its
         # weight for it (and again before its backward) and release it after.
         self.loss = build_train_loss(self.ds.module, loss_impl, loss_chunk_tokens, ctx.device)
+        self._build_mask = plain_causal(self.ds.module)
         if ctx.is_main:
             log.info("%s", self.loss.describe())
+            log.info("%s", describe_attention_inputs(self._build_mask))
 
     # -- the training step --------------------------------------------------------------------
 
     def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {
-            k: batch[k].to(self.ctx.device, non_blocking=True)
-            for k in MODEL_INPUT_KEYS
-            if k in batch
-        }
+        return model_inputs(batch, self.ctx.device, self._build_mask)
 
     def _run_model(self, batch: dict[str, torch.Tensor]) -> Any:
         # No autocast: under bf16 DeepSpeed holds the module in bf16 itself (fp32 masters in the
