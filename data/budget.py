@@ -210,6 +210,12 @@ class RowSteps:
         cursor.position = cursor.window = cursor.window_start = 0
 
 
+def pack_settings(cfg: Any) -> dict[str, Any]:
+    """What a saved data position of token-budget packing depends on (`data.*`), for the state
+    and for check_unit."""
+    return {"unit": STATE_UNIT, "seq_len": cfg.seq_len, "pack_window": cfg.pack_window}
+
+
 def check_unit(state: dict[str, Any], mine: dict[str, Any], cfg: Any) -> None:
     """Raise DataError when a saved data position cannot be continued with these packing settings
     (`mine`: `unit`, seq_len and pack_window with token-budget packing, {} otherwise)."""

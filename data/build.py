@@ -20,6 +20,7 @@ from data.loader import (
 )
 from data.shards import MANIFEST_NAME, ShardSet, ShardUnreadable, find_manifest
 from data.streaming import build_streaming
+from data.templates import label_value
 
 
 def uses_shards(cfg: DataConfig, path: str, key: str = "data.train_path") -> bool:
@@ -101,10 +102,8 @@ def discover_labels(cfg: DataConfig, log_to: Any = None) -> list[str]:
     for data in rows:
         seen += 1
         try:
-            value = json.loads(data).get(key)
+            value = label_value(json.loads(data).get(key))
         except (ValueError, AttributeError):
-            continue
-        if isinstance(value, bool):
             continue
         if isinstance(value, int):
             ids.add(value)

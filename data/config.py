@@ -131,6 +131,21 @@ class DataConfig(Section):
         "the cores.",
     )
 
+    @field_validator("labels")
+    @classmethod
+    def _labels_distinct(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if len(v) < 2:
+            raise ValueError(f"a classifier needs at least 2 labels, got {v}")
+        blank = [name for name in v if not name.strip()]
+        if blank:
+            raise ValueError(f"label names must not be blank, got {v}")
+        repeated = sorted({name for name in v if v.count(name) > 1})
+        if repeated:
+            raise ValueError(f"each label must be named once; repeated: {', '.join(repeated)}")
+        return v
+
     @field_validator("num_workers")
     @classmethod
     def _workers_not_negative(cls, v: int | str) -> int | str:

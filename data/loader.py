@@ -19,7 +19,6 @@ counter names.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -29,18 +28,26 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.budget import STATE_UNIT, Cursor, RowSteps, Window, check_unit, num_windows, pack_window
+from data.budget import (
+    Cursor,
+    RowSteps,
+    Window,
+    check_unit,
+    num_windows,
+    pack_settings,
+    pack_window,
+)
 from data.chat import ChatTemplateError, use_chat_template
 from data.config import DataConfig
 from data.packing import collate
 from data.plan import Plan
 from data.rows import BadRows, DataError, decode_row
-from data.templates import IGNORE_INDEX, RowError, TokenizedSample, encode_row
+from data.templates import IGNORE_INDEX, RowError, TokenizedSample, encode_row, truncated
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
 # 1: (epoch, step_in_epoch); 2: samples consumed (position), data identity, global batch, counters
 STATE_VERSION = 2
 
@@ -148,13 +155,10 @@ class InstructionDataset(Dataset):
                     )
                     self._skip(slot, "too_long")
                     continue
+                sample = truncated(sample, cfg.seq_len)
+            if sample.cut:
                 self.counts["truncated"] += 1
                 self._truncated.add(slot)
-                sample = dataclasses.replace(
-                    sample,
-                    input_ids=sample.input_ids[: cfg.seq_len],
-                    labels=sample.labels[: cfg.seq_len],
-                )
             self.counts["rows_kept"] += 1
             self._sample_of.append(len(self.samples))
             self.samples.append(sample)
@@ -213,12 +217,43 @@ def collate_right_pad(items: list[tuple[int, TokenizedSample]], pad_id: int) -> 
         labels[i, : len(s)] = torch.tensor(s.labels)
         attention_mask[i, : len(s)] = 1
     sample_index = torch.tensor([idx for idx, _ in items], dtype=torch.long)
-    return {
+    batch = {
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
         "sample_index": sample_index,
     }
+    add_token_types(batch, items)
+    return batch
+
+
+def add_token_types(batch: Batch, items: list[tuple[int, TokenizedSample]]) -> None:
+    """`token_type_ids` [B, width] when a sample of the micro-batch has segment ids (sentence
+    pairs); 0 elsewhere, the pads included."""
+    if all(s.token_type_ids is None for _, s in items):
+        return
+    types = torch.zeros_like(batch["input_ids"])
+    for i, (_, s) in enumerate(items):
+        if s.token_type_ids is not None:
+            types[i, : len(s.token_type_ids)] = torch.tensor(s.token_type_ids)
+    batch["token_type_ids"] = types
+
+
+def kept_items(slots: Iterable[Slot], stats: Counter) -> list[tuple[int, TokenizedSample]]:
+    """The samples of `slots` as (row id, sample), counting into `stats` what was read, skipped
+    (by kind), kept and truncated."""
+    items = []
+    for slot in slots:
+        stats["rows_read"] += 1
+        if slot.sample is None:
+            stats["rows_skipped"] += 1
+            stats[f"skipped_{slot.skipped}"] += 1
+            continue
+        stats["rows_kept"] += 1
+        if slot.truncated:
+            stats["truncated"] += 1
+        items.append((slot.index, slot.sample))
+    return items
 
 
 class _Collate:
@@ -230,17 +265,7 @@ class _Collate:
 
     def __call__(self, slots: list[Slot]) -> dict[str, Any]:
         stats: Counter = Counter()
-        items = []
-        for slot in slots:
-            stats["rows_read"] += 1
-            if slot.sample is None:
-                stats["rows_skipped"] += 1
-                stats[f"skipped_{slot.skipped}"] += 1
-                continue
-            stats["rows_kept"] += 1
-            if slot.truncated:
-                stats["truncated"] += 1
-            items.append((slot.index, slot.sample))
+        items = kept_items(slots, stats)
         batch, counts = collate(items, self.seq_len, self.pad_id, packing=self.packing)
         stats.update(counts)
         return {**batch, "_stats": dict(stats)}
@@ -342,22 +367,15 @@ class MapStyleStepBatches:
             "counters": dict(self._counters),
         }
         if self.budget:
-            state |= self.cursor.state() | self._pack_settings()
+            state |= self.cursor.state() | pack_settings(self.cfg)
         return state
-
-    def _pack_settings(self) -> dict[str, Any]:
-        return {
-            "unit": STATE_UNIT,
-            "seq_len": self.cfg.seq_len,
-            "pack_window": self.cfg.pack_window,
-        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind", "map") != "map":
             raise DataError(
                 "resume: the saved data state is from a shard stream (data.source changed?)"
             )
-        check_unit(state, self._pack_settings() if self.budget else {}, self.cfg)
+        check_unit(state, pack_settings(self.cfg) if self.budget else {}, self.cfg)
         if self.budget:
             self.cursor = Cursor(
                 int(state["epoch"]),
@@ -412,18 +430,8 @@ class MapStyleStepBatches:
         size, n = self.cfg.pack_window, self.num_rows
         for w in range(first, num_windows(n, size)):
             stats: Counter = Counter()
-            items = []
-            for p in range(w * size, min((w + 1) * size, n)):
-                slot = self.dataset[order[p]]
-                stats["rows_read"] += 1
-                if slot.sample is None:
-                    stats["rows_skipped"] += 1
-                    stats[f"skipped_{slot.skipped}"] += 1
-                    continue
-                stats["rows_kept"] += 1
-                if slot.truncated:
-                    stats["truncated"] += 1
-                items.append((slot.index, slot.sample))
+            slots = (self.dataset[order[p]] for p in range(w * size, min((w + 1) * size, n)))
+            items = kept_items(slots, stats)
             yield pack_window(w, items, stats, self.cfg.seq_len, self.seed, epoch)
 
     def _budget_iter(self) -> Iterator[list[Batch]]:

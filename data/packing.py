@@ -131,7 +131,7 @@ def pad_right(items: list[Item], pad_id: int) -> Batch:
         return empty_batch(pad_id, packed=False)
     width = max(len(s) for _, s in items)
     pads = [width - len(s) for _, s in items]
-    return {
+    batch = {
         "input_ids": torch.tensor(
             [s.input_ids + [pad_id] * p for (_, s), p in zip(items, pads, strict=True)]
         ),
@@ -143,6 +143,14 @@ def pad_right(items: list[Item], pad_id: int) -> Batch:
         ),
         "sample_index": torch.tensor([i for i, _ in items], dtype=torch.long),
     }
+    if any(s.token_type_ids is not None for _, s in items):  # sentence pairs: segment ids
+        batch["token_type_ids"] = torch.tensor(
+            [
+                (s.token_type_ids or [0] * len(s)) + [0] * p
+                for (_, s), p in zip(items, pads, strict=True)
+            ]
+        )
+    return batch
 
 
 def collate(

@@ -40,13 +40,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.budget import (
-    STATE_UNIT,
     Cursor,
     RowSteps,
     Window,
     check_unit,
     explain_no_rows,
     num_windows,
+    pack_settings,
     pack_window,
 )
 from data.config import DataConfig
@@ -55,7 +55,7 @@ from data.packing import Batch, Item, collate
 from data.plan import Plan
 from data.rows import BadRows, decode_row
 from data.shards import ShardSet, ShardUnreadable
-from data.templates import RowError, TokenizedSample, encode_row
+from data.templates import RowError, encode_row, truncated
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +224,9 @@ class _RowReader:
                         stats, "too_long", shard, row, f"{len(sample)} tokens > data.seq_len", hint
                     )
                     continue
+                sample = truncated(sample, n)
+            if sample.cut:
                 stats["truncated"] += 1
-                sample = TokenizedSample(sample.input_ids[:n], sample.labels[:n])
             stats["rows_kept"] += 1
             items.append((row_id, sample))
         return items, stats
@@ -344,15 +345,8 @@ class StreamingStepBatches:
             "counters": dict(self._counters),
         }
         if self.budget:
-            state |= self.cursor.state() | self._pack_settings()
+            state |= self.cursor.state() | pack_settings(self.cfg)
         return state
-
-    def _pack_settings(self) -> dict[str, Any]:
-        return {
-            "unit": STATE_UNIT,
-            "seq_len": self.cfg.seq_len,
-            "pack_window": self.cfg.pack_window,
-        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "shards":
@@ -369,7 +363,7 @@ class StreamingStepBatches:
                     f"resume: saved data state has {key}={state[key]}, this run has {mine}; the "
                     "order would differ (same data, seed and data.shuffle_window are needed)"
                 )
-        check_unit(state, self._pack_settings() if self.budget else {}, self.cfg)
+        check_unit(state, pack_settings(self.cfg) if self.budget else {}, self.cfg)
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         if self.budget:

@@ -12,6 +12,7 @@ BOS comes first when the tokenizer adds one itself (`add_bos_token`), whatever i
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,12 @@ class TokenizedSample:
     input_ids: list[int]
     labels: list[int]
     end_of_turn: tuple[int, ...] = ()
+    # Segment ids of a sentence pair (BERT's 0 for the first text, 1 for the second), as the
+    # tokenizer gives them; None where every one is 0 (the models' default).
+    token_type_ids: list[int] | None = None
+    # Cut to data.seq_len by its encoder (a classification row: the tokenizer truncates a pair
+    # itself, keeping the closing [SEP]); counted as truncated like a row the reader cuts.
+    cut: bool = False
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -379,17 +386,30 @@ def encode_row(row: Any, tokenizer: Any, cfg: Any) -> TokenizedSample:
         raise
 
 
+def label_value(value: Any) -> Any:
+    """A row's label as a name or an id: a boolean is the name "false"/"true", a float with no
+    fraction (1.0, as pandas writes integer columns with gaps) the integer id. Anything else is
+    returned as it is."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def label_id(value: Any, labels: list[str] | None, key: str) -> int:
-    """The class id of a row's label: a string is a name of `labels`, an integer its id.
+    """The class id of a row's label: a string (or boolean) is a name of `labels`, an integer its
+    id.
     RowError(missing_field / wrong_type / unknown_label) otherwise."""
     if value is None:
         raise RowError("missing_field", f"missing field '{key}'")
     if labels is None:  # discovery has not run (data.labels unset outside a training run)
         raise RowError("unknown_label", f"label {value!r}: data.labels is not set")
-    if isinstance(value, bool) or not isinstance(value, int | str):
+    value = label_value(value)
+    if not isinstance(value, int | str):
         raise RowError(
             "wrong_type",
-            f"field '{key}' must be a string or an integer, got {type(value).__name__}",
+            f"field '{key}' must be a string, an integer or a boolean, got {value!r}",
         )
     if isinstance(value, int):
         if 0 <= value < len(labels):
@@ -413,8 +433,21 @@ def encode_classification(row: dict[str, Any], tokenizer: Any, cfg: Any) -> Toke
     text = _text_field(row, cfg.text_field)
     pair = _text_field(row, cfg.text_pair_field) if cfg.text_pair_field else None
     target = label_id(row.get(cfg.label_field), cfg.labels, cfg.label_field)
-    enc = tokenizer(text, pair, truncation=True, max_length=cfg.seq_len)
+    enc = tokenizer(text, pair)
+    cut = len(enc["input_ids"]) > cfg.seq_len
+    if cut:
+        if cfg.overlong == "drop":
+            raise RowError(
+                "too_long",
+                f"{len(enc['input_ids'])} tokens > data.seq_len",
+                f"rows are longer than data.seq_len={cfg.seq_len} (data.overlong=drop)",
+            )
+        enc = tokenizer(text, pair, truncation=True, max_length=cfg.seq_len)
     ids = list(enc["input_ids"])
+    # The pair's segment ids, as the tokenizer makes them for inference too (a pipeline, the
+    # ONNX export): a model trained without them would be served other inputs than it learned.
+    types = list(enc.get("token_type_ids") or [])
+    types = types if any(types) else None
     if len(ids) == 1:
         # One token (a decoder tokenizer without BOS): a pad after it gives the label a position
         # the shifted count sees; a decoder classifier pools the last non-pad token, this one.
@@ -422,7 +455,22 @@ def encode_classification(row: dict[str, Any], tokenizer: Any, cfg: Any) -> Toke
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
         ids.append(pad)
-    return TokenizedSample(ids, [IGNORE_INDEX] * (len(ids) - 1) + [target])
+        types = None if types is None else [*types, 0]
+    return TokenizedSample(
+        ids, [IGNORE_INDEX] * (len(ids) - 1) + [target], token_type_ids=types, cut=cut
+    )
+
+
+def truncated(sample: TokenizedSample, seq_len: int) -> TokenizedSample:
+    """`sample` cut to its first `seq_len` positions (data.overlong=truncate)."""
+    types = sample.token_type_ids
+    return dataclasses.replace(
+        sample,
+        input_ids=sample.input_ids[:seq_len],
+        labels=sample.labels[:seq_len],
+        token_type_ids=None if types is None else types[:seq_len],
+        cut=True,
+    )
 
 
 def _encode(row: dict[str, Any], tokenizer: Any, cfg: Any) -> TokenizedSample:

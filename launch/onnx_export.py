@@ -184,8 +184,11 @@ def load_fp32(model_dir: Path) -> tuple[nn.Module, str, str]:
 
 def input_names_for(model: nn.Module) -> list[str]:
     names = ["input_ids", "attention_mask"]
+    # Segment ids are an input only where there is a segment 1 to give: RoBERTa, XLM-R and
+    # CamemBERT take the argument but have one segment (type_vocab_size 1), so any 1 would index
+    # past their table.
     types = getattr(model.config, "type_vocab_size", 0) or 0
-    if "token_type_ids" in inspect.signature(model.forward).parameters and types > 0:
+    if "token_type_ids" in inspect.signature(model.forward).parameters and types > 1:
         names.append("token_type_ids")
     return names
 
@@ -494,15 +497,17 @@ def score_eval(
     encoded: list[dict[str, list[int]]] = []
     targets: list[Any] = []
     if task == SEQUENCE_CLASSIFICATION:
+        from data.templates import label_value
+
         text_key = getattr(cfg, "text_field", "text")
         pair_key = getattr(cfg, "text_pair_field", None)
         label_key = getattr(cfg, "label_field", "label")
         label2id = {str(k): int(v) for k, v in (model.config.label2id or {}).items()}
         num_labels = model.config.num_labels
         for row in rows:
-            text, label = row.get(text_key), row.get(label_key)
+            text, label = row.get(text_key), label_value(row.get(label_key))
             pair = row.get(pair_key) if pair_key else None
-            if isinstance(label, bool) or not isinstance(text, str):
+            if not isinstance(text, str) or not isinstance(label, int | str):
                 continue
             target = label if isinstance(label, int) else label2id.get(str(label))
             if target is None or not 0 <= target < num_labels:

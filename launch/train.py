@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from data.build import build_eval_dataset, build_train_batches, discover_labels
-from data.loader import DataError, pad_token_id
+from data.loader import DataError
 from launch import failures
 from trainer import slurm
 from trainer.build import build_engine, save_hf_model, seed_everything
 from trainer.checkpoint.checkpointing import Checkpointing
-from trainer.checkpoint.files import CheckpointError, CheckpointSaveError
+from trainer.checkpoint.files import CheckpointError, CheckpointSaveError, saved_labels
 from trainer.config import (
     ConfigError,
     Derived,
@@ -129,6 +129,7 @@ def prepare(argv: list[str] | None = None) -> Prepared:
     tokenizer = build_tokenizer(cfg.model, cfg.task)
     if cfg.task == "sequence_classification" and cfg.data.labels is None:
         labels = discover_labels(cfg.data, log if world.rank == 0 else None)
+        labels = resume_labels(cfg, labels, log if world.rank == 0 else None)
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": labels})})
     train_batches = build_train_batches(
         cfg.data,
@@ -142,6 +143,31 @@ def prepare(argv: list[str] | None = None) -> Prepared:
     eval_set = build_eval_dataset(cfg.data, tokenizer)
     derived = with_total_steps(cfg, derived, train_batches.steps_per_epoch)
     return Prepared(cfg, derived, tokenizer, train_batches, eval_set)
+
+
+def resume_labels(
+    cfg: RunConfig, discovered: list[str], log_to: logging.Logger | None
+) -> list[str]:
+    """A resumed classifier keeps the label ids it was trained with: discovery from data that
+    gained or lost a label would renumber them under the restored head. Rows of a label the
+    checkpoint does not have are then counted as unknown_label."""
+    checkpoints = Path(cfg.checkpoint.dir or Path(cfg.run_dir) / "checkpoints")
+    saved = saved_labels(checkpoints, cfg.checkpoint.resume)
+    if saved is None or saved == discovered:
+        return discovered
+    if log_to is not None:
+        new = [x for x in discovered if x not in saved]
+        log_to.warning(
+            "data.labels: resuming with the checkpoint's %d labels (%s), not the %d discovered "
+            "in the data now%s",
+            len(saved),
+            ", ".join(saved[:10]),
+            len(discovered),
+            f"; rows labelled {', '.join(new[:10])} will be skipped as unknown_label"
+            if new
+            else "",
+        )
+    return saved
 
 
 def run(argv: list[str] | None = None, *, own_process: bool = False) -> dict:
@@ -238,13 +264,6 @@ def _train(
             run_dir,
         )
     engine = build_engine(cfg, derived, ctx)
-    if (
-        cfg.task == "sequence_classification"
-        and engine.unwrapped_model().config.pad_token_id is None
-    ):
-        # A decoder classifier pools its last non-pad token, found by the pad id: batches of
-        # more than one row need it (and the saved model, to be used alike).
-        engine.unwrapped_model().config.pad_token_id = pad_token_id(tokenizer)
     try:
         check_tokenizer_fits(engine.unwrapped_model(), tokenizer, cfg.model)
     except ModelLoadError as e:

@@ -199,6 +199,8 @@ def test_labels_are_discovered_sorted_or_as_ids_and_bad_label_sets_are_named(tmp
         labels_of(["pos", 1])
     with pytest.raises(DataError, match="at least 2"):
         labels_of(["pos", "pos"])
+    assert labels_of([True, False, True]) == ["false", "true"]  # booleans are names
+    assert labels_of([1.0, 0.0, 2.0]) == ["0", "1", "2"]  # integral floats (pandas) are ids
 
 
 @pytest.mark.parametrize(
@@ -207,6 +209,9 @@ def test_labels_are_discovered_sorted_or_as_ids_and_bad_label_sets_are_named(tmp
         (["data.format=instruction"], "data.format"),
         (["data.packing=true"], "data.packing"),
         (["eval.num_generate=4"], "eval.num_generate"),
+        (["method=lora", "freeze.encoder=true"], "freeze"),  # LoRA trains adapters + head
+        (["data.labels=[pos]"], "data.labels"),  # one class: nothing to learn
+        (["data.labels=[pos,neg,pos]"], "data.labels"),
     ],
 )
 def test_settings_that_do_not_fit_the_task_are_config_errors(clf, tmp_path, overrides, culprit):

@@ -644,9 +644,15 @@ def with_total_steps(cfg: RunConfig, derived: Derived, steps_per_epoch: int | No
         total = cfg.train.max_steps
     else:
         if steps_per_epoch is None:
-            raise ConfigError(
-                ["train.num_epochs: needs a dataset of known size; set train.max_steps"]
-            )
+            why = "a dataset of known size"
+            if cfg.data.packing and cfg.data.pack_scope == "stream":
+                # The shard manifest counts samples, not the packed rows they will make.
+                why = (
+                    "steps per epoch known in advance, and a shard stream packed to a token "
+                    "budget (data.packing with data.pack_scope=stream) makes a number of rows "
+                    "known only once read; set data.pack_scope=micro_batch, or"
+                )
+            raise ConfigError([f"train.num_epochs: needs {why}; set train.max_steps"])
         total = max(1, math.floor(cfg.train.num_epochs * steps_per_epoch))
     s = cfg.schedule
     if s.warmup_steps is not None:

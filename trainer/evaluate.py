@@ -91,7 +91,9 @@ def eval_classification(
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
         with autocast_context(ctx, precision):
             logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                token_type_ids=batch.get("token_type_ids"),  # sentence pairs
             ).logits
         target = class_targets(batch["labels"])
         loss_sum += example_loss_sum(logits, batch["labels"]).double()

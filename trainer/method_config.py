@@ -84,9 +84,10 @@ def method_problems(
         problems.append("lora: LoRA options are set but method is full (set method: lora)")
     if method != "qlora" and quantization_set:
         problems.append(f"quantization: only used with method: qlora (method is {method})")
-    if method != "full" and (freeze.embeddings or freeze.first_layers):
+    if method != "full" and (freeze.embeddings or freeze.first_layers or freeze.encoder):
         problems.append(
-            f"freeze: only used with method: full (with {method}, only the adapters train)"
+            f"freeze: only used with method: full (with {method}, only the adapters train, "
+            "and a classifier's head beside them)"
         )
     if method == "full" and merge_adapter:
         problems.append("output.merge_adapter: only used with method: lora or qlora")

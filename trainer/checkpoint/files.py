@@ -271,3 +271,26 @@ def versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "format": str(FORMAT_VERSION),
     }
+
+
+def saved_labels(checkpoints: Path, resume: str) -> list[str] | None:
+    """The classifier labels (data.labels, in id order) of the checkpoint a run with
+    `checkpoint.resume=resume` would start from: the newest one under `checkpoints` that has its
+    config.yaml (auto), or the one named. None for a fresh start or a config without labels.
+    Read before the checkpoint is validated: only the config file is looked at."""
+    import yaml
+
+    if resume == "never":
+        return None
+    if resume == "auto":
+        candidates = [path for _, path in list_checkpoints(checkpoints)]
+    else:
+        candidates = [Path(resume)]
+    for path in candidates:
+        try:
+            saved = yaml.safe_load((path / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        labels = ((saved or {}).get("data") or {}).get("labels")
+        return [str(x) for x in labels] if labels else None
+    return None

@@ -168,6 +168,14 @@ def build_model(
         getattr(model.config, "_attn_implementation", "?"),
         asked,
     )
+    if task == "sequence_classification" and model.config.pad_token_id is None:
+        # A decoder classifier (Llama, Qwen: no pad id in their configs) pools its last non-pad
+        # token, found by the pad id: batches of more than one row need it, in training and in
+        # every model built from this config (the merged model, the exports), so it is set here,
+        # where they all are built.
+        tok = build_tokenizer(cfg, task)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        model.config.pad_token_id = pad
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with DDP's no_sync and with frozen inputs (LoRA).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
