@@ -161,6 +161,16 @@ def run_torchrun(
         while stragglers and not timed_out and time.monotonic() < deadline:
             time.sleep(0.2)  # a rank may still be exiting
             stragglers = _descendants(proc.pid)
+        dumped_from = None
+        if timed_out and stragglers:
+            # Where each rank is stuck, in the log the failure shows (launch.train prints its
+            # threads' stacks on SIGQUIT; the agent, proc.pid, is left out).
+            log.seek(0)
+            dumped_from = len(log.read())  # in characters, as `out` is indexed
+            for pid in stragglers:  # one at a time: stacks written at once interleave
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGQUIT)
+                time.sleep(0.5)
         for pid in [*stragglers, proc.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -172,8 +182,10 @@ def run_torchrun(
             f"rank processes {stragglers} outlived torchrun (hang at exit)\n{out[-4000:]}"
         )
     if timed_out:
+        # The log's tail before the stacks, then every stack whole (a rank has many threads).
+        shown = out[-4000:] if dumped_from is None else out[max(0, dumped_from - 4000) :]
         raise RanksFailed(
-            f"torchrun {' '.join(argv)} still running after {timeout}s; killed\n{out[-4000:]}"
+            f"torchrun {' '.join(argv)} still running after {timeout}s; killed\n{shown}"
         )
     return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
 

@@ -3,7 +3,8 @@
 Points: `micro_step` (inside gradient accumulation, before the last micro-step of `step`),
 `after_engine_state` (a checkpoint's shards are written, nothing else), `before_marker`
 (files and hashes done, no marker yet), `before_latest` (published, `latest` not yet updated).
-Action `kill` (SIGKILL this process, the default) or `raise` (an exception).
+Action `kill` (SIGKILL this process, the default), `raise` (an exception) or `hang` (sleep for
+a day: a stuck rank).
 `FTTRAIN_STEP_DELAY_S=S` makes every step S seconds slower (at the `micro_step` point), for
 tests that must signal a run while it trains (Slurm time limits). Unset: no cost beyond two
 environment lookups per step.
@@ -40,4 +41,7 @@ def maybe_fail(point: str, step: int, rank: int) -> None:
         return
     if action == "raise":
         raise InjectedFault(f"injected fault at {point}, step {step}, rank {rank}")
+    if action == "hang":
+        time.sleep(24 * 3600)  # the others wait in their next collective
+        return
     os.kill(os.getpid(), signal.SIGKILL)
