@@ -691,7 +691,6 @@ def peer_worker(spec_path: str) -> None:
         AutoTokenizer,
         DataCollatorForSeq2Seq,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
         default_data_collator,
     )
@@ -706,18 +705,6 @@ def peer_worker(spec_path: str) -> None:
     )
     rows = [json.loads(x) for x in Path(spec["data"]).read_text().splitlines()]
     train = datasets.Dataset.from_list(rows)
-
-    class StepTimes(TrainerCallback):
-        def __init__(self) -> None:
-            self.step_end: dict[int, float] = {}
-            self.losses: dict[int, float] = {}
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.step_end[state.global_step] = time.time()  # ours stamps its steps so too
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.losses[state.global_step] = logs["loss"]
 
     # The same settings as ours wherever both have them.
     common = {
@@ -752,7 +739,7 @@ def peer_worker(spec_path: str) -> None:
         # Shuffled already, in ours' order: the same samples in each micro-batch of each rank.
         "train_sampling_strategy": "sequential",
     }
-    timer = StepTimes()
+    timer = step_times()
     if kind in ("hf_dynamic", "hf_max_length"):
         if kind == "hf_max_length":
             # The tutorials' recipe: every sample padded to max_length when it is tokenized.
@@ -940,8 +927,10 @@ def code_state() -> str:
     )
 
 
-def versions() -> str:
-    names = ["torch", "transformers", "accelerate", "datasets", "trl"]
+def versions(
+    names: tuple[str, ...] = ("torch", "transformers", "accelerate", "datasets", "trl"),
+) -> str:
+    """The installed versions of `names`, for a benchmark's header."""
     found = []
     for n in names:
         try:
@@ -949,6 +938,26 @@ def versions() -> str:
         except importlib.metadata.PackageNotFoundError:
             found.append(f"{n} (not installed)")
     return ", ".join(found)
+
+
+def step_times() -> Any:
+    """A TrainerCallback (for the HF sides) that stamps each step's end with time.time(), as our
+    metrics records are stamped, and keeps the logged losses by step."""
+    from transformers import TrainerCallback
+
+    class StepTimes(TrainerCallback):
+        def __init__(self) -> None:
+            self.step_end: dict[int, float] = {}
+            self.losses: dict[int, float] = {}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_end[state.global_step] = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses[state.global_step] = logs["loss"]
+
+    return StepTimes()
 
 
 def main() -> None:

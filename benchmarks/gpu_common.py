@@ -83,16 +83,6 @@ def device_name() -> str:
     return f"no CUDA device; CPU: {model}, {os.cpu_count()} cores"
 
 
-def versions(names: tuple[str, ...]) -> str:
-    found = []
-    for n in names:
-        try:
-            found.append(f"{n} {importlib.metadata.version(n)}")
-        except importlib.metadata.PackageNotFoundError:
-            found.append(f"{n} (not installed)")
-    return ", ".join(found)
-
-
 def header(
     title: str,
     packages: tuple[str, ...] = ("torch", "transformers", "peft", "bitsandbytes", "accelerate"),
@@ -107,7 +97,7 @@ def header(
             f"# {title}",
             f"date: {now}",
             f"device: {device_name()}",
-            f"versions: {versions(packages)}{cuda}; python {platform.python_version()}",
+            f"versions: {bt.versions(packages)}{cuda}; python {platform.python_version()}",
             f"command: {shlex.join(sys.orig_argv)}",
             f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)",
             bt.code_state(),

@@ -312,7 +312,6 @@ def hf_worker(spec_path: str) -> None:
         BitsAndBytesConfig,
         DataCollatorForSeq2Seq,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
     )
 
@@ -358,19 +357,7 @@ def hf_worker(spec_path: str) -> None:
     rows = [json.loads(x) for x in Path(spec["data"]).read_text().splitlines()]
     train = datasets.Dataset.from_list(rows)
 
-    class StepTimes(TrainerCallback):
-        def __init__(self) -> None:
-            self.step_end: dict[int, float] = {}
-            self.losses: dict[int, float] = {}
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.step_end[state.global_step] = time.time()  # ours stamps its records so too
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.losses[state.global_step] = logs["loss"]
-
-    timer = StepTimes()
+    timer = gc.bt.step_times()
     args = TrainingArguments(
         output_dir=str(out / "trainer"),
         per_device_train_batch_size=s["micro_batch_size"],
