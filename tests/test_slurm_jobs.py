@@ -177,7 +177,7 @@ def test_two_tasks_as_two_nodes_and_srun_without_torchrun(
 CASES = {
     "scancel-usr1": 20,
     "scontrol-requeue": 35,
-    "time-limit": None,  # the warning signal Slurm sends before --time=1 runs out
+    "time-limit": None,  # the warning signal Slurm sends before --time=2 runs out
     "one-rank-only": 50,  # SIGUSR1 to rank 1's process alone
 }
 
@@ -191,11 +191,15 @@ def preempted(slurm_cluster, tiny_assets, tmp_path_factory, straight) -> dict[st
         run_dir = root / case / "run"
         run_dir.parent.mkdir()
         if case == "time-limit":
-            # 30 s of training after a start of several seconds: Slurm's warning (sent at its
-            # first 30-s check with <= 75 s left, so 0-30 s after the start) always comes first,
-            # possibly before the workers exist (launch.run passes it on when they do).
+            # Slurm sends the warning at a time-limit check (every 30 s) once at most the
+            # warning time + 30 s are left: with --time=2 and USR1@100, at the first check
+            # after the start, possibly before the workers exist (launch.run passes it on when
+            # they do). 60 s of training after a start of ~15 s span at least two checks, so
+            # one check that comes late (seen under a full suite's load: a 54-s job of
+            # --time=1 got no warning at all) does not let the job end unwarned; the limit
+            # itself is after both.
             job = template_job(
-                slurm_cluster, tiny_assets, run_dir, "--time=1", "--signal=USR1@45", delay=0.25
+                slurm_cluster, tiny_assets, run_dir, "--time=2", "--signal=USR1@100", delay=0.5
             )
         else:
             job = template_job(slurm_cluster, tiny_assets, run_dir, delay=0.1)
@@ -205,7 +209,10 @@ def preempted(slurm_cluster, tiny_assets, tmp_path_factory, straight) -> dict[st
     while any(j["signalled"] is None for c, j in jobs.items() if CASES[c]) or not limited.get(
         "extended"
     ):
-        assert time.monotonic() < deadline, {c: steps_logged(j["run_dir"]) for c, j in jobs.items()}
+        assert time.monotonic() < deadline, {
+            c: (steps_logged(j["run_dir"]), slurm_cluster.state(j["job"]).get("JobState"))
+            for c, j in jobs.items()
+        }
         if not limited.get("extended") and int(
             slurm_cluster.state(limited["job"]).get("Restarts", "0")
         ):
