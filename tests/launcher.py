@@ -163,8 +163,8 @@ def run_torchrun(
             stragglers = _descendants(proc.pid)
         dumped_from = None
         if timed_out and stragglers:
-            # Where each rank is stuck, in the log the failure shows (launch.train prints its
-            # threads' stacks on SIGQUIT; the agent, proc.pid, is left out).
+            # A rank that registers a SIGQUIT stack dump (faulthandler) writes where it is stuck
+            # into the log the failure shows; one without dies of it, as it would of SIGKILL.
             log.seek(0)
             dumped_from = len(log.read())  # in characters, as `out` is indexed
             for pid in stragglers:  # one at a time: stacks written at once interleave
