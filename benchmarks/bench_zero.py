@@ -91,7 +91,7 @@ def _rank(backend: str, model_dir: str, steps: int, seq_len: int, micro_batch: i
         times = []
         for step in range(steps + 1):  # the first step (allocations, lazy state) is not timed
             ids = torch.randint(0, vocab, (micro_batch, seq_len), generator=g)
-            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "targets": ids}
             start = time.perf_counter()
             train_step(engine, [batch], cfg.train.max_grad_norm)
             if step:

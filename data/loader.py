@@ -5,7 +5,10 @@ The loop consumes a `StepBatches`: an iterator that yields, for each optimizer s
 list of `grad_accum_steps` micro-batches, and whose `state_dict()` is enough to continue exactly
 where it stopped. A micro-batch is a dict of equally shaped [B, T] tensors:
 
-- `input_ids` (long), `labels` (long, -100 where no loss, unshifted as in HF),
+- `input_ids` (long), `targets` (long): what each position is scored on, -100 where nothing.
+  For a causal LM the labels shifted once, per sample, by the collator (`TokenizedSample.targets`):
+  `targets[b, t]` is the label of token t + 1 of the same sample; the loss never shifts again.
+  For a classifier, each row's class id at one position.
 - `attention_mask` (long, 1 = real token) and/or `position_ids` (long; packing restarts them),
 - `sample_index` (long [B], the dataset row of each sample; not passed to the model). Packed
   micro-batches (`data.packing`) have several samples per row: [B, K], -1 where a row has fewer
@@ -210,16 +213,16 @@ def collate_right_pad(items: list[tuple[int, TokenizedSample]], pad_id: int) -> 
     width = max(len(s) for _, s in items)
     n = len(items)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    targets = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
     for i, (_, s) in enumerate(items):
         input_ids[i, : len(s)] = torch.tensor(s.input_ids)
-        labels[i, : len(s)] = torch.tensor(s.labels)
+        targets[i, : len(s)] = torch.tensor(s.targets())
         attention_mask[i, : len(s)] = 1
     sample_index = torch.tensor([idx for idx, _ in items], dtype=torch.long)
     batch = {
         "input_ids": input_ids,
-        "labels": labels,
+        "targets": targets,
         "attention_mask": attention_mask,
         "sample_index": sample_index,
     }

@@ -79,7 +79,7 @@ def pack_rows(rows: list[list[Item]], pad_id: int) -> Batch:
     k = max(len(row) for row in rows)
     # Rows are built as Python lists and converted once: a tensor per sample costs more than
     # the packing itself.
-    input_ids, labels, position_ids, sample_index = [], [], [], []
+    input_ids, targets, position_ids, sample_index = [], [], [], []
     num_tokens = 0
     for row in rows:
         ids: list[int] = []
@@ -87,17 +87,17 @@ def pack_rows(rows: list[list[Item]], pad_id: int) -> Batch:
         pos: list[int] = []
         for _, s in row:
             ids += s.input_ids
-            lab += s.labels
+            lab += s.targets()
             pos += range(len(s))
         num_tokens += len(ids)
         pad = width - len(ids)
         input_ids.append(ids + [pad_id] * pad)
-        labels.append(lab + [IGNORE_INDEX] * pad)
+        targets.append(lab + [IGNORE_INDEX] * pad)
         position_ids.append(pos + list(range(pad)))
         sample_index.append([row_id for row_id, _ in row] + [-1] * (k - len(row)))
     return {
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
-        "labels": torch.tensor(labels, dtype=torch.long),
+        "targets": torch.tensor(targets, dtype=torch.long),
         "position_ids": torch.tensor(position_ids, dtype=torch.long),
         "sample_index": torch.tensor(sample_index, dtype=torch.long),
         # Real (non-pad) tokens: packed rows have no attention_mask to count them from.
@@ -121,7 +121,7 @@ def batch_stats(batch: Batch, num_samples: int) -> dict[str, int]:
         "rows": batch["input_ids"].shape[0],
         "tokens_real": tokens_real,
         "tokens_total": batch["input_ids"].numel(),
-        "target_tokens": int((batch["labels"] != IGNORE_INDEX).sum()),
+        "target_tokens": int((batch["targets"] != IGNORE_INDEX).sum()),
     }
 
 
@@ -135,8 +135,8 @@ def pad_right(items: list[Item], pad_id: int) -> Batch:
         "input_ids": torch.tensor(
             [s.input_ids + [pad_id] * p for (_, s), p in zip(items, pads, strict=True)]
         ),
-        "labels": torch.tensor(
-            [s.labels + [IGNORE_INDEX] * p for (_, s), p in zip(items, pads, strict=True)]
+        "targets": torch.tensor(
+            [s.targets() + [IGNORE_INDEX] * p for (_, s), p in zip(items, pads, strict=True)]
         ),
         "attention_mask": torch.tensor(
             [[1] * len(s) + [0] * p for (_, s), p in zip(items, pads, strict=True)]
@@ -170,7 +170,7 @@ def empty_batch(pad_id: int, *, packed: bool, width: int = 2) -> Batch:
     fully masked row can produce NaN attention weights."""
     batch = {
         "input_ids": torch.full((1, width), pad_id, dtype=torch.long),
-        "labels": torch.full((1, width), IGNORE_INDEX, dtype=torch.long),
+        "targets": torch.full((1, width), IGNORE_INDEX, dtype=torch.long),
     }
     if packed:
         batch["position_ids"] = torch.arange(width).unsqueeze(0)

@@ -61,7 +61,8 @@ def render_instruction_prompt(instruction: str, context: str | None, template: s
 
 @dataclass
 class TokenizedSample:
-    """One sample's tokens. `labels[i]` is the target for position i (unshifted).
+    """One sample's tokens. `labels[i]` is the label of token i, unshifted as in HF (position i
+    is scored on `labels[i + 1]`); the collators shift them once, per sample (`targets`).
 
     `end_of_turn`: the ids that end the sample's (last) answer, as they stand at the end of its
     last labelled span: EOS for instruction and text rows, the template's end-of-turn marker
@@ -77,13 +78,28 @@ class TokenizedSample:
     # Cut to data.seq_len by its encoder (a classification row: the tokenizer truncates a pair
     # itself, keeping the closing [SEP]); counted as truncated like a row the reader cuts.
     cut: bool = False
+    # True: `labels` are next-token targets, shifted by the collator (`targets`). False: a
+    # classification row, whose class id is scored where it stands.
+    next_token: bool = True
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def targets(self) -> list[int]:
+        """What each position is scored on, the batches' `targets`: for a causal LM, the label of
+        the next position (the last position scores nothing). Shifting here, per sample, rather
+        than in the loss over a whole row keeps a packed row's samples apart: the last token of
+        one sample is never scored on the first token of the next, and a sample's count of
+        scored tokens is the same packed or alone."""
+        if not self.next_token:
+            return list(self.labels)
+        return [*self.labels[1:], IGNORE_INDEX] if self.labels else []
+
     @property
     def num_target_tokens(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+        """Positions scored (as in `targets`): a first label is never a next-token target."""
+        labels = self.labels[1:] if self.next_token else self.labels
+        return sum(1 for x in labels if x != IGNORE_INDEX)
 
 
 def token_ids(tokenizer: Any, text: str) -> list[int]:
@@ -448,16 +464,12 @@ def encode_classification(row: dict[str, Any], tokenizer: Any, cfg: Any) -> Toke
     # ONNX export): a model trained without them would be served other inputs than it learned.
     types = list(enc.get("token_type_ids") or [])
     types = types if any(types) else None
-    if len(ids) == 1:
-        # One token (a decoder tokenizer without BOS): a pad after it gives the label a position
-        # the shifted count sees; a decoder classifier pools the last non-pad token, this one.
-        pad = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        )
-        ids.append(pad)
-        types = None if types is None else [*types, 0]
     return TokenizedSample(
-        ids, [IGNORE_INDEX] * (len(ids) - 1) + [target], token_type_ids=types, cut=cut
+        ids,
+        [IGNORE_INDEX] * (len(ids) - 1) + [target],
+        token_type_ids=types,
+        cut=cut,
+        next_token=False,
     )
 
 

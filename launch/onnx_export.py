@@ -531,9 +531,10 @@ def score_eval(
             except RowError:
                 continue
             ids, labels = ids[:seq_len], labels[:seq_len]
-            if sum(1 for x in labels[1:] if x != IGNORE_INDEX):
+            shifted = [*labels[1:], IGNORE_INDEX]  # what each position is scored on
+            if any(x != IGNORE_INDEX for x in shifted):
                 encoded.append({"input_ids": list(ids)})
-                targets.append(labels)
+                targets.append(shifted)
     if not encoded:
         raise ValueError(f"no usable rows among the first {len(rows)}")
 
@@ -552,12 +553,12 @@ def score_eval(
             from trainer.model.loss import token_loss_sum
 
             width = inputs[0].shape[1]
-            labels = torch.tensor(
+            shifted = torch.tensor(
                 [t + [IGNORE_INDEX] * (width - len(t)) for t in batch_targets], dtype=torch.long
             )
             for name, scorer in scorers.items():
-                totals[name] += float(token_loss_sum(torch.from_numpy(scorer(inputs)), labels))
-            count += int((labels[:, 1:] != IGNORE_INDEX).sum())
+                totals[name] += float(token_loss_sum(torch.from_numpy(scorer(inputs)), shifted))
+            count += int((shifted != IGNORE_INDEX).sum())
     report.eval_metric = "accuracy" if task == SEQUENCE_CLASSIFICATION else "loss"
     report.eval_rows = len(encoded)
     report.eval_scores = {k: v / count for k, v in totals.items()}

@@ -85,7 +85,7 @@ def test_sharegpt_rows_train_with_the_default_role_map(tmp_path):
     text = tok.decode(sample.input_ids)
     assert "<|im_start|>user\nSay hello.<|im_end|>" in text  # human -> user
     assert "<|im_start|>assistant\nHello!<|im_end|>" in text  # gpt -> assistant
-    assert int((step[0]["labels"] != IGNORE_INDEX).sum()) == 4 * sample.num_target_tokens
+    assert int((step[0]["targets"] != IGNORE_INDEX).sum()) == 4 * sample.num_target_tokens
 
 
 def test_roles_outside_the_map_are_bad_chat_rows_naming_the_role_map():

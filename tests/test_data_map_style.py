@@ -41,13 +41,13 @@ def test_packed_micro_batches_hold_the_unpacked_samples_with_their_own_logits(js
     )
     model = tiny_llama()
     for p, u in zip(packed, plain, strict=True):
-        assert set(p) == {"input_ids", "labels", "position_ids", "sample_index", "num_tokens"}
+        assert set(p) == {"input_ids", "targets", "position_ids", "sample_index", "num_tokens"}
         assert p["sample_index"].dim() == 2 and p["sample_index"].shape[1] >= 2
         assert p["input_ids"].shape[0] < 8 and p["input_ids"].shape[1] <= 128
         ids = sorted(i for i in p["sample_index"].flatten().tolist() if i >= 0)
         assert ids == sorted(u["sample_index"].tolist()), "same samples as unpacked"
         assert int(p["num_tokens"]) == int(u["attention_mask"].sum())
-        assert int((p["labels"] != -100).sum()) == int((u["labels"] != -100).sum())
+        assert int((p["targets"] != -100).sum()) == int((u["targets"] != -100).sum())
         checked = assert_segments_match_alone(
             model, p, lambda i: encode_row(rows[i], tok, packed_cfg)
         )

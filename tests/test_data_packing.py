@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM
 
 from data.packing import pack
 from data.shards import ShardSet
-from data.templates import IGNORE_INDEX, encode_row
+from data.templates import IGNORE_INDEX, TokenizedSample, encode_row
 from tests.data_fixtures import char_tokenizer, config, make_shards, stream
 from tests.tiny_models import tiny_llama as make_tiny_llama
 
@@ -47,7 +47,7 @@ def assert_segments_match_alone(model, batch, sample_of) -> int:
             sample = sample_of(row_id)
             lo, hi = starts[j], starts[j] + len(sample)
             assert batch["input_ids"][r, lo:hi].tolist() == sample.input_ids
-            assert batch["labels"][r, lo:hi].tolist() == sample.labels
+            assert batch["targets"][r, lo:hi].tolist() == sample.targets()
             with torch.no_grad():
                 alone = model(input_ids=torch.tensor([sample.input_ids]), use_cache=False).logits[0]
             torch.testing.assert_close(packed[r, lo:hi], alone, rtol=0, atol=1e-5)
@@ -82,7 +82,9 @@ def test_pack_respects_seq_len_and_restarts_positions():
     got = sorted(i for i in batch["sample_index"].flatten().tolist() if i >= 0)
     assert got == list(range(5))
     real = sum(len(s) for s in samples)
-    assert int((batch["labels"] != IGNORE_INDEX).sum()) == sum(s.num_target_tokens for s in samples)
+    assert int((batch["targets"] != IGNORE_INDEX).sum()) == sum(
+        s.num_target_tokens for s in samples
+    )
     assert batch["input_ids"].numel() >= real
     model = tiny_llama()
     assert assert_segments_match_alone(model, batch, lambda i: samples[i]) == 5
@@ -177,3 +179,33 @@ def test_fast_token_ids_match_the_tokenizer_call():
     tok = char_tokenizer()
     for text in ("### Instruction:\nupper abc\n\n### Response:\nABC", "a</s>b<s> \n\t~", ""):
         assert token_ids(tok, text) == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_packed_sample_is_not_scored_on_the_next_samples_first_token():
+    """Text rows with a tokenizer that adds no BOS: every token is a label, the first included.
+    Alone, a sample's first label is never a target (nothing predicts it); packed, the last
+    token of the sample before it must not be scored on it either: the loss and the scored
+    count of a packed row are the sums of its samples' own."""
+    from trainer.model.attention_inputs import model_inputs, plain_causal
+    from trainer.model.loss import count_target_tokens, token_loss_sum
+
+    g = torch.Generator().manual_seed(0)
+    samples = [
+        TokenizedSample(ids, list(ids))
+        for ids in (torch.randint(3, 90, (n,), generator=g).tolist() for n in (7, 11, 5))
+    ]
+    assert all(s.labels[0] != IGNORE_INDEX for s in samples)
+    batch = pack(list(enumerate(samples)), 64, pad_id=0)
+    assert batch["input_ids"].shape[0] == 1, "the test needs the samples in one row"
+    model = tiny_llama()
+    with torch.no_grad():
+        inputs = model_inputs(batch, torch.device("cpu"), plain_causal(model))
+        packed = token_loss_sum(model(**inputs, use_cache=False).logits, batch["targets"])
+        alone = [pack([(i, s)], 64, pad_id=0) for i, s in enumerate(samples)]
+        want = sum(
+            token_loss_sum(model(input_ids=b["input_ids"], use_cache=False).logits, b["targets"])
+            for b in alone
+        )
+    assert int(count_target_tokens(batch["targets"])) == sum(len(s) - 1 for s in samples)
+    assert int(count_target_tokens(batch["targets"])) == sum(s.num_target_tokens for s in samples)
+    torch.testing.assert_close(packed, want, rtol=1e-5, atol=0)

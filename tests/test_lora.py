@@ -47,7 +47,7 @@ def _train_steps(model, batches, steps: int, lr: float = 1e-2) -> list[float]:
     for step in range(steps):
         batch = batches[step % len(batches)]
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        loss = token_loss_sum(out.logits, batch["labels"]) / count_target_tokens(batch["labels"])
+        loss = token_loss_sum(out.logits, batch["targets"]) / count_target_tokens(batch["targets"])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -124,7 +124,7 @@ def test_eval_passes_do_not_repack_4bit_weights_under_training(tiny_assets, tmp_
     def grads(model) -> dict[str, torch.Tensor]:
         model.train()
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        token_loss_sum(out.logits, batch["labels"]).backward()
+        token_loss_sum(out.logits, batch["targets"]).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     torch.manual_seed(0)

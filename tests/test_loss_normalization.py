@@ -38,7 +38,7 @@ def accumulated_grad(micro: list[list[TokenizedSample]]) -> torch.Tensor:
     opt = build_optimizer(model, OptimConfig())
     engine = DDPEngine(model, opt, build_scheduler(opt, ScheduleConfig(), 10, 0), CPU1, "fp32")
     batches = [collate_right_pad(list(enumerate(m)), pad_id=0) for m in micro]
-    total = sum(count_target_tokens(b["labels"]) for b in batches)
+    total = sum(count_target_tokens(b["targets"]) for b in batches)
     scale = torch.tensor(1.0) / total
     for i, b in enumerate(batches):
         engine.forward_backward(b, scale, is_last_micro_step=i == len(batches) - 1)
@@ -54,7 +54,7 @@ def test_accumulated_gradient_equals_big_batch():
     model = make_model()
     big = collate_right_pad(list(enumerate(samples)), pad_id=0)
     logits = model(input_ids=big["input_ids"], attention_mask=big["attention_mask"]).logits
-    (token_loss_sum(logits, big["labels"]) / count_target_tokens(big["labels"])).backward()
+    (token_loss_sum(logits, big["targets"]) / count_target_tokens(big["targets"])).backward()
     reference = grads(model)
 
     for split in (
@@ -75,6 +75,6 @@ def test_mean_of_means_would_differ():
         b = collate_right_pad(list(enumerate(m)), pad_id=0)
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         (
-            token_loss_sum(logits, b["labels"]) / count_target_tokens(b["labels"]) / len(micro)
+            token_loss_sum(logits, b["targets"]) / count_target_tokens(b["targets"]) / len(micro)
         ).backward()
     assert rel_err(grads(model), reference) > 1e-2

@@ -296,7 +296,7 @@ class _MeanOfMeans:
         from trainer.model.loss import count_target_tokens
 
         # DDP averages over ranks: the gradient is the mean of every micro-batch's mean loss.
-        tokens = count_target_tokens(batch["labels"]).clamp(min=1).float()
+        tokens = count_target_tokens(batch["targets"]).clamp(min=1).float()
         scale = (1.0 / (tokens * self.num_micro_steps)).to(loss_scale.device)
         return self.inner.forward_backward(batch, scale, is_last_micro_step)
 

@@ -175,10 +175,10 @@ def test_empty_steps_are_skipped_and_counted(tiny_assets):
     opt = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.5))
     engine = DDPEngine(model, opt, build_scheduler(opt, ScheduleConfig(), 4, 0), CPU1)
     ids = torch.randint(0, 60, (2, 10))
-    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    batch = {"input_ids": ids, "targets": ids.clone(), "attention_mask": torch.ones_like(ids)}
     train_step(engine, [batch], 1.0)  # a real step: moments now non-zero
     before = [p.detach().clone() for p in model.parameters()]
-    empty = dict(batch, labels=torch.full_like(ids, -100))
+    empty = dict(batch, targets=torch.full_like(ids, -100))
     res = train_step(engine, [empty], 1.0)
     assert res.empty and res.num_target_tokens == 0 and not res.skipped
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

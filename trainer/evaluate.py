@@ -60,8 +60,8 @@ def eval_loss(
                 attention_mask=batch["attention_mask"],
                 use_cache=False,
             ).logits
-        totals[0] += token_loss_sum(logits, batch["labels"]).double()
-        totals[1] += count_target_tokens(batch["labels"])
+        totals[0] += token_loss_sum(logits, batch["targets"]).double()
+        totals[1] += count_target_tokens(batch["targets"])
     all_reduce_sum(ctx, totals)
     loss_sum, num_tokens = totals.tolist()  # host sync: once per evaluation
     loss = loss_sum / max(num_tokens, 1.0)
@@ -95,8 +95,8 @@ def eval_classification(
                 attention_mask=batch["attention_mask"],
                 token_type_ids=batch.get("token_type_ids"),  # sentence pairs
             ).logits
-        target = class_targets(batch["labels"])
-        loss_sum += example_loss_sum(logits, batch["labels"]).double()
+        target = class_targets(batch["targets"])
+        loss_sum += example_loss_sum(logits, batch["targets"]).double()
         kept = target != IGNORE_INDEX  # the fillers of _my_share count for nothing
         cells = target[kept] * num_labels + logits.argmax(-1)[kept]
         confusion += torch.bincount(cells, minlength=num_labels * num_labels).double()

@@ -137,7 +137,7 @@ def train_step(
     # The throughput counts (all tokens, attention pairs) ride on the same all-reduce.
     local = torch.zeros(5, dtype=torch.float64)
     for b in micro_batches:
-        local[0] += count_target_tokens(b["labels"])
+        local[0] += count_target_tokens(b["targets"])
         local[1] += num_real_tokens(b)
         local[3] += b["input_ids"].numel()
         local[4] += num_attention_pairs(b)

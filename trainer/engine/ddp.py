@@ -120,9 +120,9 @@ class DDPEngine:
         sync = contextlib.nullcontext()
         if isinstance(self.model, DDP) and not is_last_micro_step:
             sync = self.model.no_sync()  # all-reduce gradients only once per optimizer step
-        labels = batch["labels"]  # on the CPU: the loss moves what it needs (see TrainLoss)
+        targets = batch["targets"]  # on the CPU: the loss moves what it needs (see TrainLoss)
         with sync:
-            loss_sum = self.loss(lambda: self._run_model(batch), labels)
+            loss_sum = self.loss(lambda: self._run_model(batch), targets)
             loss = loss_sum * loss_scale
             if self.scaler is not None:
                 loss = self.scaler.scale(loss)

@@ -226,8 +226,8 @@ class DeepSpeedEngine:
         # ZeRO reduces (stage 2/3: reduce-scatters) as it goes; the boundary tells it when the
         # accumulated partitions are final (and, under offload, when to move them to the CPU).
         self.ds.set_gradient_accumulation_boundary(is_last_micro_step)
-        labels = batch["labels"]  # on the CPU: the loss moves what it needs (see TrainLoss)
-        loss_sum = self.loss(lambda: self._run_model(batch), labels)
+        targets = batch["targets"]  # on the CPU: the loss moves what it needs (see TrainLoss)
+        loss_sum = self.loss(lambda: self._run_model(batch), targets)
         # scale_wrt_gas=False: loss_scale already normalizes over all micro-steps and ranks.
         self.ds.backward(loss_sum * loss_scale.to(loss_sum.device), scale_wrt_gas=False)
         return loss_sum.detach()

@@ -2,10 +2,10 @@
 
 Two ways to compute the same number:
 
-- `token_loss_sum(logits, labels)`: from the model's logits, upcast to fp32. Simple, and what
+- `token_loss_sum(logits, targets)`: from the model's logits, upcast to fp32. Simple, and what
   evaluation uses; but training keeps the B x T x V fp32 logits (and their log-softmax) alive
   until backward: ~7 GB per 4,096-token sequence at a 128k vocabulary.
-- `chunked_token_loss_sum(hidden, weight, labels)`: from the final hidden states and the output
+- `chunked_token_loss_sum(hidden, weight, targets)`: from the final hidden states and the output
   head's weight, a few hundred tokens at a time, recomputing each chunk's logits in backward
   instead of storing them. Only one chunk of logits exists at any time.
 
@@ -47,30 +47,30 @@ _FUSED_LIBRARIES = {
 }
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropy over positions whose shifted label is kept."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum (not mean) of the cross-entropy of each position whose target is kept. `targets`
+    [B, T]: the batch's, already shifted by the collator (data.loader), so no slice of the
+    logits is copied here."""
     return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
+        logits.float().reshape(-1, logits.size(-1)),
+        targets.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
 
 
-def example_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of the cross-entropy of each example of a classifier's [B, C] logits. `labels`: the
-    batch's [B, T] labels, each row's class id at one position and -100 elsewhere (see
+def example_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of the cross-entropy of each example of a classifier's [B, C] logits. `targets`: the
+    batch's [B, T] targets, each row's class id at one position and -100 elsewhere (see
     data.templates.encode_classification), so an empty slot (all -100) adds nothing and the
     normalizing count (`count_target_tokens`) is the number of examples."""
-    targets = class_targets(labels)
-    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    classes = class_targets(targets)
+    return F.cross_entropy(logits.float(), classes, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def class_targets(labels: torch.Tensor) -> torch.Tensor:
+def class_targets(targets: torch.Tensor) -> torch.Tensor:
     """Each row's class id ([B]), -100 for a row without one."""
-    return labels.max(dim=1).values  # ids are >= 0, the rest of the row is -100
+    return targets.max(dim=1).values  # ids are >= 0, the rest of the row is -100
 
 
 def is_sequence_classifier(model: nn.Module) -> bool:
@@ -79,9 +79,9 @@ def is_sequence_classifier(model: nn.Module) -> bool:
     return type(inner).__name__.endswith("ForSequenceClassification")
 
 
-def count_target_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """Tokens that carry loss in a micro-batch (after the causal shift)."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum()
+def count_target_tokens(targets: torch.Tensor) -> torch.Tensor:
+    """Positions that carry loss in a micro-batch (`targets` are already shifted)."""
+    return (targets != IGNORE_INDEX).sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,32 +91,31 @@ def count_target_tokens(labels: torch.Tensor) -> torch.Tensor:
 def chunked_token_loss_sum(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
-    labels: torch.Tensor,
+    targets: torch.Tensor,
     lm_head_bias: torch.Tensor | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> torch.Tensor:
-    """`token_loss_sum(hidden @ W.T + b, labels)` without the [B, T, V] logits.
+    """`token_loss_sum(hidden @ W.T + b, targets)` without the [B, T, V] logits.
 
     `hidden` [B, T, H] are the final hidden states (the head's input), `lm_head_weight` [V, H].
     The logits are computed in the compute dtype (the autocast dtype under autocast, else the
     hidden states' dtype), one chunk of `chunk_tokens` target tokens at a time, upcast to fp32
     for the cross-entropy, and recomputed in backward. Returns an fp32 (fp64 for fp64 inputs)
     scalar."""
-    kept_hidden, targets = _kept_positions(hidden, labels)
+    kept_hidden, kept_targets = _kept_positions(hidden, targets)
     compute_dtype = _compute_dtype(hidden)
     with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen explicitly
         return _ChunkedLinearCrossEntropy.apply(
-            kept_hidden, lm_head_weight, lm_head_bias, targets, chunk_tokens, compute_dtype
+            kept_hidden, lm_head_weight, lm_head_bias, kept_targets, chunk_tokens, compute_dtype
         )
 
 
 def _kept_positions(
-    hidden: torch.Tensor, labels: torch.Tensor
+    hidden: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The hidden states of the positions that carry loss [N, H] and their targets [N]: position
-    t predicts label t + 1, the last position predicts nothing."""
+    """The hidden states of the positions that carry loss [N, H] and their targets [N]."""
     batch, seq, width = hidden.shape
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    targets = targets.reshape(-1)
     # Dropping the ignored positions (prompt, padding) spares them both vocab-sized matmuls,
     # forward and backward. nonzero's size depends on the data: on a GPU tensor it would be a
     # host sync per micro-step, so it is taken on the CPU labels the batch arrives with, and the
@@ -239,10 +238,10 @@ def _fused_loss_sum(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    labels: torch.Tensor,
+    targets: torch.Tensor,
 ) -> torch.Tensor:
     """The same sum through Liger Kernel's or Cut Cross-Entropy's fused kernels (CUDA only)."""
-    kept_hidden, targets = _kept_positions(hidden, labels)
+    kept_hidden, kept = _kept_positions(hidden, targets)
     compute_dtype = _compute_dtype(hidden)
     # Their Triton kernels want one dtype; the casts are differentiable, so an fp32 master
     # weight still receives its gradient (as autocast's own cast would give it).
@@ -253,12 +252,12 @@ def _fused_loss_sum(
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
             loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
-            loss = loss_fn(w, h, targets, b)
+            loss = loss_fn(w, h, kept, b)
         else:
             from cut_cross_entropy import linear_cross_entropy
 
             loss = linear_cross_entropy(
-                h, w, targets, bias=b, ignore_index=IGNORE_INDEX, reduction="sum"
+                h, w, kept, bias=b, ignore_index=IGNORE_INDEX, reduction="sum"
             )
     return loss.float()
 
@@ -289,25 +288,25 @@ class TrainLoss:
             what = f"{self.impl} fused linear cross-entropy"
         return f"loss: {what}, from the final hidden states (no full logits kept): {self.reason}"
 
-    def __call__(self, run_model: Callable[[], Any], labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, run_model: Callable[[], Any], targets: torch.Tensor) -> torch.Tensor:
         """Run the model's forward (`run_model()`, through whatever wraps it) and return the sum
-        of the token losses, connected to the graph for backward. `labels` as the batch has
+        of the token losses, connected to the graph for backward. `targets` as the batch has
         them: on the CPU (the chunked loss picks its positions there without a device sync)."""
         if self.impl == "classification":
             logits = run_model().logits
-            return example_loss_sum(logits, labels.to(logits.device, non_blocking=True))
+            return example_loss_sum(logits, targets.to(logits.device, non_blocking=True))
         if self.head is None:
             logits = run_model().logits
-            return token_loss_sum(logits, labels.to(logits.device, non_blocking=True))
+            return token_loss_sum(logits, targets.to(logits.device, non_blocking=True))
         head = self.head
 
         def head_loss(hidden: torch.Tensor) -> torch.Tensor:
             if self.impl == "chunked":
                 loss = chunked_token_loss_sum(
-                    hidden, head.weight, labels, head.bias, self.chunk_tokens
+                    hidden, head.weight, targets, head.bias, self.chunk_tokens
                 )
             else:
-                loss = _fused_loss_sum(self.impl, hidden, head.weight, head.bias, labels)
+                loss = _fused_loss_sum(self.impl, hidden, head.weight, head.bias, targets)
             # Logit-shaped, so that a model slicing or upcasting its logits leaves it alone.
             return loss.reshape(1, 1, 1)
 
