@@ -242,22 +242,60 @@ def test_error_on_one_rank_reaches_the_user_naming_it(tiny_assets, tmp_path, cas
 
 SLOW_FSYNC = '''\
 """Loaded by the workers of a test run (first on PYTHONPATH): the checkpoint storage is slow, so
-what a background thread writes there with fsync (an async checkpoint save) takes minutes."""
+what a background thread writes there with fsync (an async checkpoint save) takes minutes.
+
+And the agreed data error waits (up to a minute) until a rank's writer is inside that slow
+write: on a loaded machine the error used to come first about one run in four, and the test
+then tested nothing."""
+import glob
+import importlib.abc
+import importlib.util
 import os
+import sys
 import threading
 import time
 
+HERE = os.path.dirname(__file__)
 _fsync = os.fsync
 
 
 def fsync(fd):
     if threading.current_thread() is not threading.main_thread():
-        open(os.path.join(os.path.dirname(__file__), f"slow-{os.getpid()}"), "w").close()
+        open(os.path.join(HERE, f"slow-{os.getpid()}"), "w").close()
         time.sleep(600)
     return _fsync(fd)
 
 
 os.fsync = fsync
+
+
+def _after_a_slow_write(raise_error):
+    def wait_then_raise(*args, **kwargs):
+        deadline = time.monotonic() + 60
+        while not glob.glob(os.path.join(HERE, "slow-*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return raise_error(*args, **kwargs)
+
+    return wait_then_raise
+
+
+class _WrapLoop(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "trainer.loop":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run_module = spec.loader.exec_module
+
+        def exec_module(module):
+            run_module(module)
+            module.raise_agreed_data_error = _after_a_slow_write(module.raise_agreed_data_error)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _WrapLoop())
 '''
 
 
