@@ -1,8 +1,9 @@
 """Peak memory and time of the causal-LM loss's forward + backward: naive vs chunked (vs fused).
 
     .venv/bin/python -m benchmarks.bench_loss_memory [--vocab 32000 128256] [--seq 2048 4096]
+        [--batch 1 4]
 
-The loss alone, from the final hidden states [1, seq, hidden] and the head's weight [vocab,
+The loss alone, from the final hidden states [batch, seq, hidden] and the head's weight [vocab,
 hidden] (issue 12, benchmark d):
 
 - naive: `logits = hidden @ W.T`, then `trainer.model.loss.token_loss_sum` (upcast to fp32,
@@ -18,7 +19,9 @@ Memory: each (variant, shape) runs in a fresh process. After the inputs exist it
 process's peak resident set (`/proc/self/clear_refs` = 5) and records its resident set; the
 figure is the peak (VmHWM) after forward + backward minus that. It therefore counts everything
 forward + backward allocates and touches, the gradients they return included (the head's weight
-gradient is vocab x hidden, in both variants), but not the inputs. glibc is told to hand freed
+gradient is vocab x hidden, in both variants), but not the inputs. The last ratio leaves that
+gradient out of both peaks: it is the same in every variant, and a training run holds it as the
+head's `.grad` whatever its loss, so what is left is the memory the loss itself costs. glibc is told to hand freed
 memory back at once (MALLOC_TRIM_THRESHOLD_=0, MALLOC_MMAP_THRESHOLD_ small) so the peak follows
 live tensors. On a CUDA device it is torch.cuda.max_memory_allocated above the inputs instead.
 Time is the wall time of that one forward + backward (2 threads on CPU).
@@ -48,17 +51,26 @@ def _rss_kb(field: str) -> int:
     return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(field))
 
 
-def _worker(impl: str, vocab: int, seq: int, hidden: int, dtype: str, trainable: bool, chunk: int):
+def _worker(
+    impl: str,
+    vocab: int,
+    seq: int,
+    hidden: int,
+    dtype: str,
+    trainable: bool,
+    chunk: int,
+    batch: int,
+):
     from trainer.model.loss import _fused_loss_sum, chunked_token_loss_sum, token_loss_sum
 
     torch.set_num_threads(2)
     device = torch.device("cuda" if impl in ("liger", "cce") else "cpu")
 
-    def inputs(vocab: int, seq: int, hidden: int):
+    def inputs(vocab: int, seq: int, hidden: int, batch: int = 1):
         g = torch.Generator().manual_seed(0)
-        hidden_states = torch.randn(1, seq, hidden, generator=g).to(device, DTYPES[dtype])
+        hidden_states = torch.randn(batch, seq, hidden, generator=g).to(device, DTYPES[dtype])
         weight = (torch.randn(vocab, hidden, generator=g) * 0.02).to(device, DTYPES[dtype])
-        labels = torch.randint(0, vocab, (1, seq), generator=g).to(device)
+        labels = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
         return hidden_states.requires_grad_(), weight.requires_grad_(trainable), labels
 
     def loss_of(hidden_states, weight, labels):
@@ -72,7 +84,7 @@ def _worker(impl: str, vocab: int, seq: int, hidden: int, dtype: str, trainable:
     # A tiny warm-up first: thread pools, the autograd engine and kernels' first-use buffers
     # are set up outside the measurement.
     loss_of(*inputs(64, 16, 8))[0].backward()
-    hidden_states, weight, labels = inputs(vocab, seq, hidden)
+    hidden_states, weight, labels = inputs(vocab, seq, hidden, batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -104,7 +116,16 @@ def _fused_status(impl: str) -> str | None:
     return None
 
 
-def _run(impl: str, vocab: int, seq: int, hidden: int, dtype: str, trainable: bool, chunk: int):
+def _run(
+    impl: str,
+    vocab: int,
+    seq: int,
+    hidden: int,
+    dtype: str,
+    trainable: bool,
+    chunk: int,
+    batch: int,
+):
     env = dict(
         os.environ,
         MALLOC_TRIM_THRESHOLD_="0",
@@ -112,7 +133,7 @@ def _run(impl: str, vocab: int, seq: int, hidden: int, dtype: str, trainable: bo
         OMP_NUM_THREADS="2",
         PYTHONPATH=str(REPO),
     )
-    argv = [impl, vocab, seq, hidden, dtype, int(trainable), chunk]
+    argv = [impl, vocab, seq, hidden, dtype, int(trainable), chunk, batch]
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_loss_memory", "--worker", *map(str, argv)],
         cwd=REPO,
@@ -130,55 +151,67 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
     p.add_argument("--seq", type=int, nargs="+", default=[2048, 4096])
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     p.add_argument("--heads", nargs="+", default=["trainable", "frozen"])
     p.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS)
-    p.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=8, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        impl, vocab, seq, hidden, dtype, trainable, chunk = args.worker
-        _worker(impl, int(vocab), int(seq), int(hidden), dtype, trainable == "1", int(chunk))
+        impl, vocab, seq, hidden, dtype, trainable, chunk, batch = args.worker
+        _worker(
+            impl, int(vocab), int(seq), int(hidden), dtype, trainable == "1", int(chunk), int(batch)
+        )
         return
 
     fused = {impl: _fused_status(impl) for impl in ("liger", "cce")}
     print(
-        f"hidden {args.hidden}, batch 1, chunk {args.chunk_tokens} tokens; "
+        f"hidden {args.hidden}, chunk {args.chunk_tokens} tokens; "
         f"{'CUDA' if torch.cuda.is_available() else 'CPU, 2 threads'}",
         flush=True,
     )
     head = (
-        "| dtype | head | vocab | seq | naive MB | naive s | chunked MB | chunked s "
-        "| naive / chunked MB | loss rel. diff | liger | cce |"
+        "| dtype | head | vocab | batch x seq | naive MB | naive s | chunked MB | chunked s "
+        "| naive / chunked MB | same, less the head's gradient | loss rel. diff | liger | cce |"
     )
-    lines = [head, "|" + "---|" * 12]
-    for dtype in args.dtypes:
-        for head_kind in args.heads:
-            for vocab in args.vocab:
-                for seq in args.seq:
-                    shape = (vocab, seq, args.hidden, dtype, head_kind == "trainable")
-                    naive = _run("naive", *shape, args.chunk_tokens)
-                    chunked = _run("chunked", *shape, args.chunk_tokens)
-                    cells = [
-                        dtype,
-                        head_kind,
-                        str(vocab),
-                        str(seq),
-                        f"{naive['peak_mb']:.0f}",
-                        f"{naive['s']:.1f}",
-                        f"{chunked['peak_mb']:.0f}",
-                        f"{chunked['s']:.1f}",
-                        f"{naive['peak_mb'] / chunked['peak_mb']:.1f}",
-                        f"{abs(chunked['loss'] - naive['loss']) / abs(naive['loss']):.1e}",
-                    ]
-                    for impl in ("liger", "cce"):
-                        if fused[impl]:
-                            cells.append(fused[impl])
-                        else:
-                            r = _run(impl, *shape, args.chunk_tokens)
-                            cells.append(f"{r['peak_mb']:.0f} MB, {r['s']:.2f} s")
-                    lines.append("| " + " | ".join(cells) + " |")
-                    print(lines[-1], flush=True)
+    lines = [head, "|" + "---|" * 13]
+    cases = [
+        (dtype, head_kind, vocab, batch, seq)
+        for dtype in args.dtypes
+        for head_kind in args.heads
+        for vocab in args.vocab
+        for batch in args.batch
+        for seq in args.seq
+    ]
+    for dtype, head_kind, vocab, batch, seq in cases:
+        trainable = head_kind == "trainable"
+        shape = (vocab, seq, args.hidden, dtype, trainable, args.chunk_tokens, batch)
+        naive = _run("naive", *shape)
+        chunked = _run("chunked", *shape)
+        # The head's weight gradient, which both variants return and a run keeps as .grad.
+        grad_mb = vocab * args.hidden * DTYPES[dtype].itemsize / 2**20 if trainable else 0.0
+        cells = [
+            dtype,
+            head_kind,
+            str(vocab),
+            f"{batch} x {seq}",
+            f"{naive['peak_mb']:.0f}",
+            f"{naive['s']:.1f}",
+            f"{chunked['peak_mb']:.0f}",
+            f"{chunked['s']:.1f}",
+            f"{naive['peak_mb'] / chunked['peak_mb']:.1f}",
+            f"{(naive['peak_mb'] - grad_mb) / (chunked['peak_mb'] - grad_mb):.1f}",
+            f"{abs(chunked['loss'] - naive['loss']) / abs(naive['loss']):.1e}",
+        ]
+        for impl in ("liger", "cce"):
+            if fused[impl]:
+                cells.append(fused[impl])
+            else:
+                r = _run(impl, *shape)
+                cells.append(f"{r['peak_mb']:.0f} MB, {r['s']:.2f} s")
+        lines.append("| " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
     print()
     print("\n".join(lines))
 
