@@ -66,6 +66,11 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(self)
 
 
+
+# launch.submit: --time must exceed slurm.signal_delay_s by this much (Slurm's 30-s check, the
+# job's start).
+START_MARGIN_S = 120
+
 def minutes(time: str) -> int:
     """Slurm's time formats (`90`, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`) in
     whole minutes, rounded up."""
@@ -154,11 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         jobs = variants(cfg.run_dir, sweeps)
         for extra in jobs:  # every job's config, at the job's world size, before submitting
             resolve_batch(load_config(config, [*args.overrides, *extra]), world_size)
-        if cfg.slurm.signal_delay_s >= time_min * 60:
+        # Slurm sends the warning once, at a 30-s check, to the processes started by then: a
+        # warning due within the job's first minute or so could reach none of them.
+        if cfg.slurm.signal_delay_s + START_MARGIN_S > time_min * 60:
             raise ConfigError(
                 [
-                    f"slurm.signal_delay_s: {cfg.slurm.signal_delay_s} s is not shorter than "
-                    f"--time {args.time}: the warning would come before the job starts"
+                    f"slurm.signal_delay_s: {cfg.slurm.signal_delay_s} s leaves less than "
+                    f"{START_MARGIN_S} s of --time {args.time} before the warning is due; Slurm "
+                    "may send it (once) before the training processes exist, and then it is lost"
                 ]
             )
     except (ConfigError, ValueError) as e:
