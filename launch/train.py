@@ -13,8 +13,11 @@ if __name__ == "__main__":  # before the imports below, which take seconds (torc
     early_signals.install()
 
 import argparse
+import contextlib
+import faulthandler
 import json
 import logging
+import signal
 import sys
 import time
 import traceback
@@ -407,6 +410,13 @@ def describe_eval_change(history: list[dict[str, float]]) -> str:
 def main(argv: list[str] | None = None, summary_out: dict | None = None) -> int:
     """The CLI: train, and return the process exit code. `summary_out`, when given, receives
     the run summary (launch.submit reads whether the run stopped and requeued its job)."""
+
+    # A rank that seems stuck can be asked where it is: `kill -QUIT PID` prints every thread's
+    # Python stack to its stderr (the run goes on). The test launcher does it before it kills
+    # a run that outlived its timeout. The process's own stderr: sys.stderr may be a stand-in
+    # without a file descriptor (main() called in-process under a capturing test runner).
+    with contextlib.suppress(AttributeError, OSError, ValueError, RuntimeError):
+        faulthandler.register(signal.SIGQUIT, file=sys.__stderr__, all_threads=True)
 
     def end(code: int) -> int:
         # A run that failed with its process group up (run() leaves it so) ends its process

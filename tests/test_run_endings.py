@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_config_args
-from tests.launcher import run_torchrun, torchrun_env
+from tests.launcher import RanksFailed, run_torchrun, torchrun_env
 
 STEPS = 200  # long enough (~2 s of training) for a Ctrl-C to land mid-run
 COMMON = (f"train.max_steps={STEPS}", "logging.every_steps=1")
@@ -337,3 +337,18 @@ def test_error_on_one_rank_ends_the_job_while_a_checkpoint_is_being_written(tiny
     # nothing): that rank used to wait for it at exit. Whether the other rank's writer got there
     # before the error ended the job is a race, so one suffices.
     assert list(hooks.glob("slow-*")), "no rank's background writer reached the slow write"
+
+
+@pytest.mark.timeout(120)
+def test_a_hung_rank_fails_the_run_with_every_rank_stack_in_the_message(tiny_assets, tmp_path):
+    """A hang never stalls the suite, and its failure says where each rank was stuck: the
+    launcher asks the ranks for their stacks (SIGQUIT, launch.train's faulthandler) first."""
+    env = torchrun_env(FTTRAIN_FAULT="micro_step:2:1:hang")
+    with pytest.raises(RanksFailed) as e:
+        run_torchrun(
+            train_args(tiny_assets, tmp_path / "run"), 2, timeout=30, env=env, launcher="launch.run"
+        )
+    message = str(e.value)
+    assert "still running after 30" in message
+    assert "in maybe_fail" in message  # rank 1, asleep in the injected hang
+    assert message.count("most recent call first") >= 2  # rank 0's threads too
