@@ -63,7 +63,7 @@ demo-classify: demo-assets
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m launch.train configs/demo_classify.yaml
 
 test: install lint
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=25
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -66,10 +66,10 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(self)
 
 
-
 # launch.submit: --time must exceed slurm.signal_delay_s by this much (Slurm's 30-s check, the
 # job's start).
 START_MARGIN_S = 120
+
 
 def minutes(time: str) -> int:
     """Slurm's time formats (`90`, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`) in

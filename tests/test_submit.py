@@ -97,7 +97,14 @@ def test_dry_run_prints_the_script_and_submits_nothing(tiny_assets, tmp_path, no
         (["--sweep", "optim.lr"], "--sweep 'optim.lr': expected section.key=value1,value2"),
         (["--sweep", "train.micro_batch_size=4,0"], "train.micro_batch_size"),
     ],
-    ids=["bad-key", "delay-vs-time", "delay-vs-short-time", "bad-time", "bad-sweep", "bad-sweep-value"],
+    ids=[
+        "bad-key",
+        "delay-vs-time",
+        "delay-vs-short-time",
+        "bad-time",
+        "bad-sweep",
+        "bad-sweep-value",
+    ],
 )
 def test_bad_submissions_are_one_line_errors_before_sbatch(
     tiny_assets, tmp_path, no_sbatch, capsys, extra, message
