@@ -78,3 +78,22 @@ def test_mean_of_means_would_differ():
             token_loss_sum(logits, b["targets"]) / count_target_tokens(b["targets"]) / len(micro)
         ).backward()
     assert rel_err(grads(model), reference) > 1e-2
+
+
+def test_eval_loss_is_hf_token_weighted_loss_over_padded_batches():
+    """eval_loss pads several samples per batch and builds their attention mask itself (no
+    host sync); its loss is the token-weighted mean of HF's own loss of each sample alone."""
+    from trainer.evaluate import eval_loss
+    from trainer.model.attention_inputs import plain_causal
+
+    model = make_model().eval()
+    assert plain_causal(model), "the test is about the trainer-built mask"
+    samples = make_samples()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in samples:
+            out = model(input_ids=torch.tensor([s.input_ids]), labels=torch.tensor([s.labels]))
+            total += float(out.loss) * s.num_target_tokens
+            count += s.num_target_tokens
+    got = eval_loss(model, samples, CPU1, batch_size=4, pad_id=0, precision="fp32")
+    assert abs(got["eval/loss"] - total / count) <= 1e-6 * (total / count)

@@ -16,6 +16,7 @@ from data.loader import collate_right_pad
 from data.templates import IGNORE_INDEX, TokenizedSample
 from trainer.dist import DistContext, all_reduce_sum
 from trainer.engine.base import autocast_context
+from trainer.model.attention_inputs import model_inputs, plain_causal
 from trainer.model.loss import (
     class_targets,
     count_target_tokens,
@@ -51,17 +52,15 @@ def eval_loss(
     limit = None if max_batches is None else max_batches * batch_size * ctx.world_size
     mine = _my_share(samples, ctx, limit)
     totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    build_mask = plain_causal(model)  # the training forward's attention inputs, without syncs
     for start in range(0, len(mine), batch_size):
         batch = collate_right_pad(mine[start : start + batch_size], pad_id)
-        batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        targets = batch["targets"].to(ctx.device, non_blocking=True)
         with autocast_context(ctx, precision):
-            logits = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                use_cache=False,
-            ).logits
-        totals[0] += token_loss_sum(logits, batch["targets"]).double()
-        totals[1] += count_target_tokens(batch["targets"])
+            inputs = model_inputs(batch, ctx.device, build_mask)
+            logits = model(**inputs, use_cache=False).logits
+        totals[0] += token_loss_sum(logits, targets).double()
+        totals[1] += count_target_tokens(targets)
     all_reduce_sum(ctx, totals)
     loss_sum, num_tokens = totals.tolist()  # host sync: once per evaluation
     loss = loss_sum / max(num_tokens, 1.0)

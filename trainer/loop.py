@@ -132,7 +132,7 @@ def train_step(
     (`skips_on_device`: fused AdamW's found_inf): the skip is decided on the device and nothing
     is read back; the result's `pending` holds [loss, norm, skipped] for later."""
     ctx = engine.ctx
-    # Token counts come from CPU labels; one all-reduce on the CPU group gives the global count
+    # Token counts come from the CPU targets; one all-reduce on the CPU group gives the global count
     # that every rank must divide by before its first backward (no device sync to read it).
     # The throughput counts (all tokens, attention pairs) ride on the same all-reduce.
     local = torch.zeros(5, dtype=torch.float64)

@@ -118,7 +118,7 @@ def _kept_positions(
     targets = targets.reshape(-1)
     # Dropping the ignored positions (prompt, padding) spares them both vocab-sized matmuls,
     # forward and backward. nonzero's size depends on the data: on a GPU tensor it would be a
-    # host sync per micro-step, so it is taken on the CPU labels the batch arrives with, and the
+    # host sync per micro-step, so it is taken on the CPU targets the batch arrives with, and the
     # indices go to the device without waiting (pinned, non-blocking).
     kept = torch.nonzero(targets != IGNORE_INDEX).squeeze(1)
     targets = targets.index_select(0, kept)
