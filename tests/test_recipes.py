@@ -60,10 +60,14 @@ def test_shipped_config_validates(path, world_size, tmp_path):
     ds = validate_deepspeed_config(cfg, derived, _device_type(path))
     assert (ds is None) == (cfg.train.backend == "ddp")
     if cfg.method == "qlora":
-        from trainer.model.methods import quantization_config
+        from trainer.model.methods import describe_quantization, quantization_config
 
-        # Builds the BitsAndBytesConfig the run would load with (storage dtype, ZeRO-3 rules).
-        quantization_config(cfg, "cpu", zero3=bool(ds) and zero_stage(ds) == 3)
+        # Builds the BitsAndBytesConfig the run would load with (storage dtype, ZeRO-3 rules),
+        # and the log line that says what the base weights became.
+        qc = quantization_config(cfg, "cpu", zero3=bool(ds) and zero_stage(ds) == 3)
+        line = describe_quantization(qc)
+        q = cfg.quantization
+        assert (f"4-bit {q.quant_type}" if q.bits == 4 else "8-bit") in line, line
 
 
 @pytest.mark.parametrize("path", SHIPPED_JSONS, ids=_id)

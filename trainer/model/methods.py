@@ -78,6 +78,21 @@ def quantization_config(cfg: RunConfig, device_type: str, zero3: bool) -> Any:
     )
 
 
+def describe_quantization(qc: Any) -> str:
+    """One log line for a qlora run's base weights (the precision line speaks of the others:
+    the embeddings, norms and adapters, and the optimizer state)."""
+    if getattr(qc, "load_in_8bit", False):
+        return "qlora: frozen base Linear weights in 8-bit (LLM.int8)"
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    compute = name.get(qc.bnb_4bit_compute_dtype, str(qc.bnb_4bit_compute_dtype))
+    storage = name.get(qc.bnb_4bit_quant_storage, str(qc.bnb_4bit_quant_storage).split(".")[-1])
+    return (
+        f"qlora: frozen base Linear weights in 4-bit {qc.bnb_4bit_quant_type}"
+        f"{' with double quantization' if qc.bnb_4bit_use_double_quant else ''} (packed in "
+        f"{storage}), dequantized to {compute} for each matmul (quantization.compute_dtype)"
+    )
+
+
 def load_model(
     cfg: RunConfig, device: torch.device, *, deepspeed_config: dict | None = None
 ) -> nn.Module:
@@ -89,6 +104,7 @@ def load_model(
     extra: dict[str, Any] = {}
     if cfg.method == "qlora":
         extra["quantization_config"] = quantization_config(cfg, device.type, zero3)
+        log.info("%s", describe_quantization(extra["quantization_config"]))
         if not zero3:
             # Each rank loads its own quantized copy onto its own device; "auto" would spread
             # one copy over every GPU of the node (the classic DDP "different devices" error).
