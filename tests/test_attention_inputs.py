@@ -9,8 +9,11 @@ from peft import LoraConfig, get_peft_model
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -110,6 +113,30 @@ def tiny_qwen2(use_sliding_window):
     return Qwen2ForCausalLM(cfg)
 
 
+def tiny_mixtral(output_router_logits):
+
+    cfg = MixtralConfig(
+        vocab_size=60,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        output_router_logits=output_router_logits,
+    )
+    return MixtralForCausalLM(cfg)
+
+
+class RemoteLlama(LlamaForCausalLM):
+    """What trust_remote_code gives: a model class from outside transformers."""
+
+
+def remote_llama():
+    return RemoteLlama(tiny_llama().config)
+
+
 def lora_llama():
     return get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
 
@@ -137,6 +164,9 @@ def tiny_bert_classifier():
         (lambda: tiny_qwen2(False), True),
         (lambda: tiny_qwen2(True), False),
         (tiny_bert_classifier, False),  # an encoder: padding must be masked
+        (lambda: tiny_mixtral(False), True),
+        (lambda: tiny_mixtral(True), False),  # its aux loss reads the 2D mask
+        (remote_llama, False),  # remote code may read the mask its own way
     ],
     ids=[
         "llama",
@@ -147,6 +177,9 @@ def tiny_bert_classifier():
         "qwen2",
         "qwen2-sliding",
         "bert-classifier",
+        "mixtral",
+        "mixtral-router-logits",
+        "remote-code",
     ],
 )
 def test_only_plain_causal_decoders_under_sdpa_take_the_trainer_built_mask(build, expected):
@@ -159,3 +192,16 @@ def test_a_sliding_window_model_keeps_transformers_mask():
     model = tiny_mistral(4)
     inputs = model_inputs(batch, CPU, plain_causal(model))
     assert torch.equal(inputs["attention_mask"], batch["attention_mask"])
+
+
+@pytest.mark.parametrize("output_router_logits", [False, True])
+def test_an_moe_model_runs_on_the_inputs_the_engines_give_it(output_router_logits):
+    """Mixtral, padded rows: with the trainer-built mask when it returns no router logits; with
+    transformers' 2D mask, which its load-balancing loss reads, when it does."""
+    model = tiny_mixtral(output_router_logits).eval()
+    batch = pad_right(samples([9, 4]), pad_id=0)
+    inputs = model_inputs(batch, CPU, plain_causal(model))
+    with torch.no_grad():
+        out = model(**inputs, use_cache=False)
+        alone = model(input_ids=batch["input_ids"][1:, :4], use_cache=False)
+    torch.testing.assert_close(out.logits[1, :4], alone.logits[0], rtol=0, atol=1e-5)

@@ -69,6 +69,14 @@ def plain_causal(model: nn.Module) -> bool:
         return False
     if getattr(config, "model_type", None) not in PLAIN_CAUSAL_TYPES:
         return False
+    if not type(base).__module__.startswith("transformers.models."):
+        # Remote code (trust_remote_code) under a known model_type: its attention may read the
+        # mask another way (additive floats, 1 - mask); transformers' path is the safe one.
+        return False
+    if getattr(config, "output_router_logits", False):
+        # An MoE model returning its router logits hands attention_mask to its load-balancing
+        # loss, which wants the 2D [B, T] mask.
+        return False
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return False
     if getattr(config, "sliding_window", None) is not None and getattr(
