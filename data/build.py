@@ -111,7 +111,8 @@ def discover_labels(cfg: DataConfig, log_to: Any = None) -> list[str]:
             names.add(value)
     if names and ids:
         raise DataError(
-            f"data.labels: {path} mixes string and integer labels in '{key}' "
+            f"data.labels: {path} mixes label names (strings, or booleans read as "
+            f"'true'/'false') and integer ids in '{key}' "
             f"(e.g. {sorted(names)[0]!r} and {min(ids)}); set data.labels to the names in id order"
         )
     if ids:

@@ -137,10 +137,10 @@ class DataConfig(Section):
         if v is None:
             return v
         if len(v) < 2:
-            raise ValueError(f"a classifier needs at least 2 labels, got {v}")
+            raise ValueError("a classifier needs at least 2 labels")
         blank = [name for name in v if not name.strip()]
         if blank:
-            raise ValueError(f"label names must not be blank, got {v}")
+            raise ValueError("label names must not be blank")
         repeated = sorted({name for name in v if v.count(name) > 1})
         if repeated:
             raise ValueError(f"each label must be named once; repeated: {', '.join(repeated)}")

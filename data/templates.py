@@ -444,7 +444,7 @@ def encode_classification(row: dict[str, Any], tokenizer: Any, cfg: Any) -> Toke
     """A classification row: the text (and the optional pair) tokenized as the tokenizer does
     for a pair ([CLS] a [SEP] b [SEP] for BERT), and the class id carried at the last position
     of `labels` (-100 elsewhere), so that padding, truncation, batching and the per-example
-    count (one target per row, counted after the causal shift) work as for the other formats.
+    count (one target per row; classification targets are not shifted) work as for the other formats.
     The loss reads each row's one label (`labels.max(1)`)."""
     text = _text_field(row, cfg.text_field)
     pair = _text_field(row, cfg.text_pair_field) if cfg.text_pair_field else None

@@ -131,8 +131,7 @@ def prepare(argv: list[str] | None = None) -> Prepared:
     check_model_files(cfg.model)
     tokenizer = build_tokenizer(cfg.model, cfg.task)
     if cfg.task == "sequence_classification" and cfg.data.labels is None:
-        labels = discover_labels(cfg.data, log if world.rank == 0 else None)
-        labels = resume_labels(cfg, labels, log if world.rank == 0 else None)
+        labels = classifier_labels(cfg, log if world.rank == 0 else None)
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": labels})})
     train_batches = build_train_batches(
         cfg.data,
@@ -148,27 +147,23 @@ def prepare(argv: list[str] | None = None) -> Prepared:
     return Prepared(cfg, derived, tokenizer, train_batches, eval_set)
 
 
-def resume_labels(
-    cfg: RunConfig, discovered: list[str], log_to: logging.Logger | None
-) -> list[str]:
-    """A resumed classifier keeps the label ids it was trained with: discovery from data that
-    gained or lost a label would renumber them under the restored head. Rows of a label the
-    checkpoint does not have are then counted as unknown_label."""
+def classifier_labels(cfg: RunConfig, log_to: logging.Logger | None) -> list[str]:
+    """data.labels when the config does not set them. A resumed classifier keeps the label ids
+    it was trained with (its checkpoint's config.yaml): discovery from data that gained or lost
+    a label since would renumber them under the restored head, or refuse data that now holds
+    one class. Rows of a label the checkpoint does not have are counted as unknown_label.
+    Otherwise the labels are discovered from the training data (one pass)."""
     checkpoints = Path(cfg.checkpoint.dir or Path(cfg.run_dir) / "checkpoints")
     saved = saved_labels(checkpoints, cfg.checkpoint.resume)
-    if saved is None or saved == discovered:
-        return discovered
+    if saved is None:
+        return discover_labels(cfg.data, log_to)
     if log_to is not None:
-        new = [x for x in discovered if x not in saved]
-        log_to.warning(
-            "data.labels: resuming with the checkpoint's %d labels (%s), not the %d discovered "
-            "in the data now%s",
+        log_to.info(
+            "data.labels: the checkpoint's %d labels (%s%s), in its id order; a row with any "
+            "other label is a bad row (unknown_label), as data.bad_rows says",
             len(saved),
             ", ".join(saved[:10]),
-            len(discovered),
-            f"; rows labelled {', '.join(new[:10])} will be skipped as unknown_label"
-            if new
-            else "",
+            ", ..." if len(saved) > 10 else "",
         )
     return saved
 

@@ -4,6 +4,8 @@ and label values users have (booleans, pandas floats) are read as names or ids."
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
@@ -90,10 +92,11 @@ def test_a_roberta_classifier_exports_without_segment_ids():
     assert out.logits.shape == (2, 2)
 
 
-def test_a_decoder_classifier_is_built_with_a_pad_id_for_every_later_copy(tmp_path):
-    """Llama configs carry no pad id; the merged model and the export are built from the
-    config, so build_model sets it (from the tokenizer) where they all come from."""
-    import json
+@pytest.mark.parametrize("config_pad", [None, 3], ids=["no-pad-id", "another-pad-id"])
+def test_a_decoder_classifier_is_built_with_a_pad_id_for_every_later_copy(tmp_path, config_pad):
+    """Llama configs carry no pad id (or one the tokenizer does not pad with); the merged model
+    and the export are built from the config, so build_model sets the collators' pad id where
+    they all come from, and a padded row pools its last real token."""
 
     from launch.make_demo import build_tiny_model_dir
     from trainer.config import ModelConfig
@@ -102,6 +105,8 @@ def test_a_decoder_classifier_is_built_with_a_pad_id_for_every_later_copy(tmp_pa
     llama = build_tiny_model_dir(tmp_path / "llama", seed=0, hidden=32, layers=1, heads=2)
     config = json.loads((llama / "config.json").read_text())
     config.pop("pad_token_id", None)
+    if config_pad is not None:
+        config["pad_token_id"] = config_pad
     (llama / "config.json").write_text(json.dumps(config))
     model = build_model(
         ModelConfig(name_or_path=str(llama)),
@@ -114,8 +119,13 @@ def test_a_decoder_classifier_is_built_with_a_pad_id_for_every_later_copy(tmp_pa
     assert model.config.pad_token_id == (
         expected if expected is not None else tokenizer.eos_token_id
     )
+    assert model.config.pad_token_id != config_pad
     ids = torch.tensor([[5, 6, 7], [5, 6, model.config.pad_token_id]])
-    assert model(input_ids=ids).logits.shape == (2, 2)  # batches of 2 pool the last real token
+    mask = (ids != model.config.pad_token_id).long()
+    with torch.no_grad():
+        both = model(input_ids=ids, attention_mask=mask).logits
+        alone = model(input_ids=ids[1:, :2]).logits
+    torch.testing.assert_close(both[1], alone[0], rtol=0, atol=1e-5)  # the last real token
 
 
 @pytest.mark.parametrize(
@@ -151,18 +161,39 @@ def test_bad_label_lists_are_named(labels, message):
 def test_a_resumed_classifier_keeps_its_checkpoint_label_ids(tmp_path, resume, expected):
     """The data gained label "b" since the checkpoint: discovery alone would renumber "c"
     under the restored head."""
-    from types import SimpleNamespace
-
-    from launch.train import resume_labels
+    from launch.train import classifier_labels
 
     for step, labels in ((2, ["a", "x"]), (4, ["a", "c"])):
         ckpt = tmp_path / "checkpoints" / f"step_{step:08d}"
         ckpt.mkdir(parents=True)
         (ckpt / "config.yaml").write_text(f"data:\n  labels: [{', '.join(labels)}]\n")
-    cfg = SimpleNamespace(
-        run_dir=str(tmp_path), checkpoint=SimpleNamespace(dir=None, resume=resume)
+    rows = [{"text": f"t{i}", "label": name} for i, name in enumerate("abcab")]
+    assert classifier_labels(_labels_cfg(tmp_path, rows, resume), None) == expected
+
+
+def test_a_resumed_classifier_does_not_need_every_label_in_the_data(tmp_path):
+    """The data now holds one class (or new ones): the checkpoint's labels are used as they
+    are, the data is not scanned for labels, and discovery's 'at least 2 labels' does not
+    apply."""
+    from launch.train import classifier_labels
+
+    ckpt = tmp_path / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.yaml").write_text("data:\n  labels: [neg, pos]\n")
+    rows = [{"text": "good", "label": "pos"}] * 3
+    assert classifier_labels(_labels_cfg(tmp_path, rows, "auto"), None) == ["neg", "pos"]
+
+
+def _labels_cfg(tmp_path, rows, resume):
+    from types import SimpleNamespace
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return SimpleNamespace(
+        run_dir=str(tmp_path),
+        checkpoint=SimpleNamespace(dir=None, resume=resume),
+        data=DataConfig(train_path=str(data), format="classification"),
     )
-    assert resume_labels(cfg, ["a", "b", "c"], None) == expected
 
 
 @pytest.mark.parametrize("overlong", ["truncate", "drop"])

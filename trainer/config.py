@@ -407,7 +407,9 @@ def _format_validation_error(err: ValidationError) -> list[str]:
         else:
             given = e.get("input")
             shown = "" if isinstance(given, dict) else f" (got {given!r})"
-            problems.append(f"{key}: {e['msg']}{shown}")
+            # A validator's own ValueError comes as "Value error, <its message>".
+            message = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}: {message}{shown}")
     return problems
 
 
@@ -650,7 +652,13 @@ def with_total_steps(cfg: RunConfig, derived: Derived, steps_per_epoch: int | No
                 why = (
                     "steps per epoch known in advance, and a shard stream packed to a token "
                     "budget (data.packing with data.pack_scope=stream) makes a number of rows "
-                    "known only once read; set data.pack_scope=micro_batch, or"
+                    "known only once read"
+                )
+                raise ConfigError(
+                    [
+                        f"train.num_epochs: needs {why}; set train.max_steps, or "
+                        "data.pack_scope=micro_batch"
+                    ]
                 )
             raise ConfigError([f"train.num_epochs: needs {why}; set train.max_steps"])
         total = max(1, math.floor(cfg.train.num_epochs * steps_per_epoch))

@@ -291,6 +291,8 @@ def saved_labels(checkpoints: Path, resume: str) -> list[str] | None:
             saved = yaml.safe_load((path / "config.yaml").read_text())
         except (OSError, yaml.YAMLError):
             continue
-        labels = ((saved or {}).get("data") or {}).get("labels")
+        if not isinstance(saved, dict) or not isinstance(saved.get("data"), dict | None):
+            continue  # not a config this trainer wrote
+        labels = (saved.get("data") or {}).get("labels")
         return [str(x) for x in labels] if labels else None
     return None

@@ -168,13 +168,23 @@ def build_model(
         getattr(model.config, "_attn_implementation", "?"),
         asked,
     )
-    if task == "sequence_classification" and model.config.pad_token_id is None:
+    if task == "sequence_classification":
         # A decoder classifier (Llama, Qwen: no pad id in their configs) pools its last non-pad
-        # token, found by the pad id: batches of more than one row need it, in training and in
-        # every model built from this config (the merged model, the exports), so it is set here,
-        # where they all are built.
-        tok = build_tokenizer(cfg, task)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        # token, found by config.pad_token_id: batches of more than one row need it to be the id
+        # the collators pad with, in training and in every model built from this config (the
+        # merged model, the exports), so it is set here, where they all are built. A config
+        # whose pad id is another token would pool a pad of every padded row.
+        from data.loader import pad_token_id
+
+        pad = pad_token_id(build_tokenizer(cfg, task))
+        if model.config.pad_token_id not in (None, pad):
+            log.warning(
+                "model config pad_token_id=%s is not the tokenizer's padding id %s: set to %s "
+                "(a classifier finds each row's end by it)",
+                model.config.pad_token_id,
+                pad,
+                pad,
+            )
         model.config.pad_token_id = pad
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with DDP's no_sync and with frozen inputs (LoRA).
