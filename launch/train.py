@@ -65,6 +65,7 @@ from trainer.model.load import (
     ModelLoadError,
     build_tokenizer,
     check_model_files,
+    check_segment_ids,
     check_tokenizer_fits,
 )
 from trainer.model.methods import MethodError
@@ -264,6 +265,8 @@ def _train(
     engine = build_engine(cfg, derived, ctx)
     try:
         check_tokenizer_fits(engine.unwrapped_model(), tokenizer, cfg.model)
+        if cfg.task == "sequence_classification" and cfg.data.text_pair_field:
+            check_segment_ids(engine.unwrapped_model(), tokenizer, cfg.model)
     except ModelLoadError as e:
         raise mark_collective(e) from None  # the same model and tokenizer on every rank
     if cfg.data.packing:

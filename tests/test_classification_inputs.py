@@ -218,3 +218,30 @@ def test_long_classification_rows_follow_data_overlong(bert, overlong):
     assert sample.labels[-1] == 1
     short = encode_classification({"text": "good", "label": "pos"}, tokenizer, cfg)
     assert not short.cut
+
+
+def test_a_pair_tokenizer_with_two_segments_on_a_one_segment_model_is_named(bert):
+    """A BERT tokenizer (segment ids 0 and 1 for a pair) with a RoBERTa-family model
+    (type_vocab_size=1): a one-line error naming the model and tokenizer keys, not an index
+    error inside the forward; the model's own two-segment BERT passes."""
+    from transformers import BertForSequenceClassification
+
+    from trainer.config import ModelConfig
+    from trainer.model.load import ModelLoadError, check_segment_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(bert)
+    one_segment = RobertaForSequenceClassification(
+        RobertaConfig(
+            vocab_size=len(tokenizer) + 2,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            type_vocab_size=1,
+        )
+    )
+    cfg = ModelConfig(name_or_path="roberta-dir", tokenizer=str(bert))
+    with pytest.raises(ModelLoadError, match="type_vocab_size=1") as e:
+        check_segment_ids(one_segment, tokenizer, cfg)
+    assert "model.tokenizer=" in str(e.value) and "\n" not in str(e.value)
+    check_segment_ids(BertForSequenceClassification.from_pretrained(bert), tokenizer, cfg)

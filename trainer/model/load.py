@@ -227,6 +227,28 @@ def check_tokenizer_fits(model: torch.nn.Module, tokenizer: Any, cfg: ModelConfi
         )
 
 
+def check_segment_ids(model: torch.nn.Module, tokenizer: Any, cfg: ModelConfig) -> None:
+    """Raise ModelLoadError if the tokenizer gives a sentence pair's second text segment id 1
+    while the model has one segment embedding (RoBERTa-family type_vocab_size=1): training on
+    pairs would fail with an index error deep inside the forward."""
+    config = getattr(model, "config", None)
+    segments = getattr(config, "type_vocab_size", None)
+    if segments is None or segments > 1:
+        return
+    try:
+        types = tokenizer("a", "b").get("token_type_ids") or []
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot encode pairs is not this check's
+        return
+    if max(types, default=0) >= segments:
+        where = f"model.name_or_path={cfg.name_or_path!r}"
+        if cfg.tokenizer:
+            where += f", model.tokenizer={cfg.tokenizer!r}"
+        raise ModelLoadError(
+            f"the tokenizer gives sentence pairs segment ids up to {max(types)} but the model "
+            f"has type_vocab_size={segments} ({where}); use the model's own tokenizer"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # Where a model comes from: a local directory or a Hub id, and what to say when neither works.
 
