@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 12, for a short lease of one GPU machine: two calls of under 10
+# The GPU checks of issue 12, for a short lease of one GPU machine: three calls of under 10
 # minutes each, from the repository root.
 #
-#   bash benchmarks/gpu_checks.sh a   # versions, the sync test, 1B full SFT MFU (eager, compiled)
+#   bash benchmarks/gpu_checks.sh a   # versions, GPU tests, 1B full SFT MFU: varlen vs mask
+#   bash benchmarks/gpu_checks.sh c   # 1B full SFT MFU with train.compile
 #   bash benchmarks/gpu_checks.sh b   # 8B QLoRA vs HF Trainer + peft, packed, 2 pairs
 #
 # Outputs go to $OUT (a folder the caller collects; default ./gpu-out). A machine whose Python
@@ -10,7 +11,7 @@
 # /tmp/site and put first on PYTHONPATH. Record what it prints in benchmarks/RESULTS.md with the
 # date, the device and this command.
 set -uo pipefail
-part=${1:?usage: gpu_checks.sh a|b}
+part=${1:?usage: gpu_checks.sh a|b|c}
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -29,11 +30,15 @@ if [ "$part" = a ]; then
         "$PY" -c "import sys, torch, transformers, peft, bitsandbytes; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__)"
         "$PY" -c "import flash_attn; print('flash_attn', flash_attn.__version__)" 2>&1 | tail -1
     } 2>&1 | tee "$OUT/env.txt"
-    timeout 90 "$PY" -m pytest -q -p no:cacheprovider -rA tests/test_gpu_sync.py 2>&1 \
+    timeout 90 "$PY" -m pytest -q -p no:cacheprovider -rA tests/test_gpu_sync.py tests/test_varlen.py 2>&1 \
         | tee "$OUT/gpu_sync.txt" | tail -20
     timeout 150 "$PY" -m benchmarks.gpu_sft_mfu --steps 25 --warmup-steps 5 --timeout 140 2>&1 \
         | tee "$OUT/sft_mfu.txt" | tail -16
-    timeout 220 "$PY" -m benchmarks.gpu_sft_mfu --steps 25 --warmup-steps 8 --timeout 210 \
+    timeout 150 "$PY" -m benchmarks.gpu_sft_mfu --steps 25 --warmup-steps 5 --timeout 140 \
+        --set train.packed_attention=mask 2>&1 | tee "$OUT/sft_mfu_mask.txt" | tail -16
+fi
+if [ "$part" = c ]; then
+    timeout 300 "$PY" -m benchmarks.gpu_sft_mfu --steps 25 --warmup-steps 8 --timeout 290 \
         --set train.compile=true 2>&1 | tee "$OUT/sft_mfu_compile.txt" | tail -16
 fi
 if [ "$part" = b ]; then

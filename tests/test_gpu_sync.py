@@ -16,8 +16,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
-def test_steps_between_logging_steps_do_not_sync(tiny_assets, tmp_path, monkeypatch, packing):
+@pytest.mark.parametrize(
+    ("packing", "packed_attention"),
+    [(False, "auto"), (True, "auto"), (True, "mask")],
+    ids=["padded", "packed", "packed-mask"],  # packed: varlen where the kernel passes its check
+)
+def test_steps_between_logging_steps_do_not_sync(
+    tiny_assets, tmp_path, monkeypatch, packing, packed_attention
+):
     import launch.train as lt
     import trainer.loop as loop
 
@@ -46,6 +52,7 @@ def test_steps_between_logging_steps_do_not_sync(tiny_assets, tmp_path, monkeypa
         "logging.every_steps=4",
         "checkpoint.every_steps=100",
         f"data.packing={str(packing).lower()}",
+        f"train.packed_attention={packed_attention}",
     )
     summary = lt.run(argv)
     assert summary["steps"] == 8

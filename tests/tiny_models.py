@@ -21,7 +21,6 @@ def tiny_llama(
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
-        **extra,
+        **{"num_key_value_heads": heads, **extra},
     )
     return LlamaForCausalLM(cfg).float()

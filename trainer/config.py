@@ -121,6 +121,16 @@ class TrainConfig(Section):
         "chunk x vocab x 4 bytes (0.25 GB at 512 tokens and a 128k vocabulary); smaller "
         "saves memory, larger runs fewer, bigger matmuls.",
     )
+    packed_attention: Literal["auto", "varlen", "mask"] = Field(
+        "auto",
+        description="How packed rows (data.packing) keep their samples apart "
+        "(trainer/model/varlen.py). mask: a block-diagonal boolean mask over each row (sdpa "
+        "then cannot use its flash kernel and computes every pair of the row); varlen: "
+        "variable-length attention, each sample attending to itself only (torch's varlen flash "
+        "kernel on CUDA with bf16/fp16 compute; a per-sample reference elsewhere); auto: varlen "
+        "on CUDA when the kernel passes a self-check on the device and the model is a plain "
+        "causal decoder under sdpa, else mask. Logged at start.",
+    )
     max_consecutive_nonfinite: int = Field(
         5,
         ge=1,

@@ -16,7 +16,7 @@ from data.loader import collate_right_pad
 from data.templates import IGNORE_INDEX, TokenizedSample
 from trainer.dist import DistContext, all_reduce_sum
 from trainer.engine.base import autocast_context
-from trainer.model.attention_inputs import model_inputs, plain_causal
+from trainer.model.attention_inputs import attention_mode, model_inputs
 from trainer.model.loss import (
     class_targets,
     count_target_tokens,
@@ -52,7 +52,7 @@ def eval_loss(
     limit = None if max_batches is None else max_batches * batch_size * ctx.world_size
     mine = _my_share(samples, ctx, limit)
     totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-    build_mask = plain_causal(model)  # the training forward's attention inputs, without syncs
+    build_mask = attention_mode(model)  # the training forward's attention inputs, no syncs
     for start in range(0, len(mine), batch_size):
         batch = collate_right_pad(mine[start : start + batch_size], pad_id)
         targets = batch["targets"].to(ctx.device, non_blocking=True)

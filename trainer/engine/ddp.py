@@ -23,9 +23,10 @@ from trainer.engine.precision import (
     resolve_precision,
 )
 from trainer.model.attention_inputs import (
+    attention_mode,
+    choose_packed_attention,
     describe_attention_inputs,
     model_inputs,
-    plain_causal,
 )
 from trainer.model.compile import compile_blocks as compile_model_blocks
 from trainer.model.loss import DEFAULT_CHUNK_TOKENS, build_train_loss
@@ -56,10 +57,12 @@ class DDPEngine:
         loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         grad_reduce_dtype: str = "fp32",
         compile_blocks: bool = False,
+        packed_attention: str = "mask",
     ):
         """`loss_impl`, `loss_chunk_tokens`: train.loss_impl / train.loss_chunk_tokens (see
         trainer.model.loss.build_train_loss). `grad_reduce_dtype`: train.grad_reduce_dtype.
-        `compile_blocks`: train.compile (see trainer.model.compile.compile_blocks)."""
+        `compile_blocks`: train.compile (see trainer.model.compile.compile_blocks).
+        `packed_attention`: train.packed_attention (see trainer.model.varlen)."""
         self.ctx = ctx
         self.module = model
         self.optimizer = optimizer
@@ -89,10 +92,13 @@ class DDPEngine:
             self.model = model
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.loss = build_train_loss(model, loss_impl, loss_chunk_tokens, ctx.device)
-        self._build_mask = plain_causal(model)
+        why = choose_packed_attention(
+            model, packed_attention, ctx.device, self.policy.compute_dtype
+        )
+        self._build_mask = attention_mode(model)
         if ctx.is_main:
             log.info("%s", self.loss.describe())
-            log.info("%s", describe_attention_inputs(self._build_mask))
+            log.info("%s (%s)", describe_attention_inputs(self._build_mask), why)
         if compile_blocks:
             # After build_train_loss: its probe is a no-grad forward, which would otherwise be
             # compiled too, for nothing. Each block is compiled in place (the module objects,

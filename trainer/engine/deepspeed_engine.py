@@ -53,9 +53,10 @@ from trainer.engine.deepspeed_config import (
 from trainer.engine.deepspeed_ops import load_comm_op, load_cpu_adam_op
 from trainer.engine.precision import PrecisionPolicy, cast_trainable_params, resolve_run_precision
 from trainer.model.attention_inputs import (
+    attention_mode,
+    choose_packed_attention,
     describe_attention_inputs,
     model_inputs,
-    plain_causal,
 )
 from trainer.model.loss import DEFAULT_CHUNK_TOKENS, build_train_loss
 from trainer.model.methods import load_model
@@ -162,6 +163,7 @@ class DeepSpeedEngine:
         export_trainable_only: bool = False,
         loss_impl: str = "auto",
         loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        packed_attention: str = "mask",
     ):
         """`export_trainable_only`: the run's model is an adapter (LoRA/QLoRA), so
         `full_state_dict_for_export` returns the trainable parameters only (see there).
@@ -202,10 +204,12 @@ class DeepSpeedEngine:
         # loss runs inside the head's forward, so under ZeRO-3 the head's own hooks gather its
         # weight for it (and again before its backward) and release it after.
         self.loss = build_train_loss(self.ds.module, loss_impl, loss_chunk_tokens, ctx.device)
-        self._build_mask = plain_causal(self.ds.module)
+        compute = policy.compute_dtype if policy is not None else torch.float32
+        why = choose_packed_attention(self.ds.module, packed_attention, ctx.device, compute)
+        self._build_mask = attention_mode(self.ds.module)
         if ctx.is_main:
             log.info("%s", self.loss.describe())
-            log.info("%s", describe_attention_inputs(self._build_mask))
+            log.info("%s (%s)", describe_attention_inputs(self._build_mask), why)
 
     # -- the training step --------------------------------------------------------------------
 
@@ -436,6 +440,7 @@ def build_deepspeed_engine(cfg: RunConfig, derived: Derived, ctx: DistContext) -
         export_trainable_only=cfg.method != "full",
         loss_impl=cfg.train.loss_impl,
         loss_chunk_tokens=cfg.train.loss_chunk_tokens,
+        packed_attention=cfg.train.packed_attention,
     )
 
 

@@ -31,6 +31,8 @@ import torch
 from torch import nn
 
 from data.loader import MODEL_INPUT_KEYS
+from trainer.model.varlen import NAME as VARLEN
+from trainer.model.varlen import cu_seqlens
 
 # Architectures whose transformers implementation takes a prepared 4D mask as it is
 # (create_causal_mask) and whose attention is causal over every layer unless the config turns on
@@ -77,7 +79,8 @@ def plain_causal(model: nn.Module) -> bool:
         # An MoE model returning its router logits hands attention_mask to its load-balancing
         # loss, which wants the 2D [B, T] mask.
         return False
-    if getattr(config, "_attn_implementation", None) != "sdpa":
+    # fttrain_varlen is sdpa with varlen attention for packed rows (trainer/model/varlen.py).
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", VARLEN):
         return False
     if getattr(config, "sliding_window", None) is not None and getattr(
         config, "use_sliding_window", True
@@ -87,9 +90,25 @@ def plain_causal(model: nn.Module) -> bool:
     return not layer_types or all(t == "full_attention" for t in layer_types)
 
 
-def describe_attention_inputs(build_mask: bool) -> str:
+def attention_mode(model: nn.Module) -> str:
+    """How the engines give `model` its attention inputs: "varlen" (packed rows as cu_seqlens,
+    see trainer/model/varlen.py; padded rows as "mask"), "mask" (the trainer-built 4D mask) or
+    "transformers" (transformers builds it)."""
+    if not plain_causal(model):
+        return "transformers"
+    config = _base(model).config
+    return "varlen" if config._attn_implementation == VARLEN else "mask"
+
+
+def describe_attention_inputs(build_mask: bool | str) -> str:
     """The start line that says who builds the attention mask."""
-    if build_mask:
+    if build_mask == "varlen":
+        return (
+            "attention inputs: packed rows by variable-length attention (torch's varlen "
+            "kernel, per sample, no mask); padded rows with a trainer-built mask; no host sync "
+            "in the forward"
+        )
+    if build_mask in (True, "mask"):
         return (
             "attention mask: built by the trainer on the device (a plain causal decoder under "
             "sdpa): causal with the pads masked, or block-diagonal for packed rows; no host sync "
@@ -121,17 +140,71 @@ def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def model_inputs(
-    batch: dict[str, Any], device: torch.device, build_mask: bool
-) -> dict[str, torch.Tensor]:
+    batch: dict[str, Any], device: torch.device, build_mask: bool | str
+) -> dict[str, Any]:
     """The micro-batch's model inputs on `device` (non-blocking copies from pinned memory).
-    `build_mask`: plain_causal(model), decided once per run: then the rows carry their 4D mask
-    (causal with padding, or block-diagonal when packed), so the forward does not sync (see the
-    module docstring)."""
-    inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUT_KEYS if k in batch}
-    if not build_mask:
+    `build_mask`: plain_causal(model) or attention_mode(model), decided once per run. True /
+    "mask": the rows carry their 4D mask (causal with padding, or block-diagonal when packed),
+    so the forward does not sync (see the module docstring). "varlen": packed rows carry their
+    samples' boundaries instead (trainer/model/varlen.py), padded rows their 4D mask."""
+    inputs: dict[str, Any] = {
+        k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUT_KEYS if k in batch
+    }
+    if build_mask in (False, "transformers"):
+        return inputs
+    if build_mask == "varlen" and "position_ids" in inputs:
+        bounds = cu_seqlens(batch["position_ids"])  # from the CPU positions: no sync
+        if device.type == "cuda":
+            bounds = bounds.pin_memory()
+        bounds = bounds.to(device, non_blocking=True)
+        width = int(batch["position_ids"].shape[-1])  # an upper bound of every sample's length
+        # A prepared-looking 4D mask: transformers passes it through untouched (and builds
+        # none); the varlen attention function does not read it.
+        inputs["attention_mask"] = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
+        inputs.update(
+            cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=width, max_length_k=width
+        )
         return inputs
     if "position_ids" in inputs:
         inputs["attention_mask"] = packed_causal_mask(inputs["position_ids"])
     elif "attention_mask" in inputs and inputs["attention_mask"].shape[0] > 1:
         inputs["attention_mask"] = padded_causal_mask(inputs["attention_mask"])
     return inputs
+
+
+def choose_packed_attention(
+    model: nn.Module, setting: str, device: torch.device, compute_dtype: torch.dtype
+) -> str:
+    """Apply train.packed_attention to `model` (the module the engine wraps): with varlen the
+    model's attention implementation becomes fttrain_varlen (sdpa for every call but packed
+    training micro-batches). Returns the reason for the start log. `varlen` on a model that
+    cannot take it is a ConfigError naming the key; `auto` keeps the mask, saying why."""
+    from trainer.config import ConfigError
+    from trainer.model import varlen
+
+    key = f"train.packed_attention={setting}"
+    if setting == "mask":
+        return f"{key}: packed rows get the block-diagonal mask"
+    config = _base(model).config
+    problem = ""
+    if not plain_causal(model):
+        problem = (
+            "it needs a plain causal decoder under sdpa (Llama, Mistral, Qwen2/3, ... with no "
+            "sliding window)"
+        )
+    elif getattr(config, "attention_dropout", 0.0):
+        problem = f"it applies no attention dropout (the model's is {config.attention_dropout})"
+    elif setting == "auto":
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        problem = varlen.varlen_problem(device, compute_dtype, heads, kv_heads, head_dim)
+    if problem:
+        if setting == "varlen":
+            raise ConfigError([f"{key}: {problem}; use train.packed_attention=auto or mask"])
+        return f"{key}: packed rows get the block-diagonal mask, as varlen attention {problem}"
+    varlen.register()
+    _base(model).set_attn_implementation(varlen.NAME)
+    if device.type == "cuda" and compute_dtype in (torch.bfloat16, torch.float16):
+        return f"{key}: packed rows take torch's varlen flash kernel"
+    return f"{key}: packed rows take the per-sample reference of varlen attention (no kernel here)"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.model.attention_inputs import model_inputs, plain_causal
+from trainer.model.attention_inputs import attention_mode, model_inputs
 
 # Max |packed - alone| logit difference accepted: float rounding of a different but equivalent
 # computation order is ~1e-6 in fp32; the failures this catches are ~1e-1. Half precision
@@ -42,7 +42,7 @@ def packing_error(model: nn.Module, device: torch.device) -> float:
     # The packed row goes through the engines' own input path, so the probe tests the mask the
     # training forward gets (built by the trainer or by transformers: see attention_inputs).
     packed_inputs = model_inputs(
-        {"input_ids": packed_ids, "position_ids": positions}, device, plain_causal(model)
+        {"input_ids": packed_ids, "position_ids": positions}, device, attention_mode(model)
     )
     was_training = model.training
     model.eval()  # no dropout
