@@ -158,9 +158,14 @@ def varlen_problem(
         v = torch.randn(48, kv_heads, head_dim, device=device, dtype=dtype, generator=g)
         bounds = [0, 5, 29, 48]
         cu = torch.tensor(bounds, dtype=torch.int32, device=device)
-        got = varlen_attn(q, k, v, cu, cu, 24, 24, **extra).float()
-        want = _per_sample_sdpa(q.float(), k.float(), v.float(), bounds, None)
+        q.requires_grad_()
+        got = varlen_attn(q, k, v, cu, cu, 24, 24, **extra)
+        got.float().square().sum().backward()  # training needs its backward too
+        got = got.detach().float()
+        want = _per_sample_sdpa(q.detach().float(), k.float(), v.float(), bounds, None)
         error = float((got - want).abs().max())
+        if q.grad is None or not bool(torch.isfinite(q.grad).all()):
+            return "its kernel's backward gave no finite gradient in a self-check"
     except Exception as e:  # noqa: BLE001 - any failure of the kernel means: keep the mask
         return f"its kernel failed a self-check ({type(e).__name__}: {e})"
     if error > 0.05:
