@@ -122,7 +122,10 @@ def _run_method(method: str, model_dir: str, steps: int, seq_len: int, micro_bat
         ids = torch.randint(
             0, vocab, (micro_batch, seq_len), generator=torch.Generator().manual_seed(0)
         )
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "targets": ids}
+        from trainer.model.loss import next_token_targets
+
+        mask = torch.ones_like(ids)
+        batch = {"input_ids": ids, "attention_mask": mask, "targets": next_token_targets(ids)}
         times = []
         for step in range(steps + 1):  # the first step (allocations, optimizer state) untimed
             started = time.perf_counter()

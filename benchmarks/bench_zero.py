@@ -88,10 +88,13 @@ def _rank(backend: str, model_dir: str, steps: int, seq_len: int, micro_batch: i
         engine.train()
         g = torch.Generator().manual_seed(ctx.rank)
         vocab = engine.unwrapped_model().config.vocab_size
+        from trainer.model.loss import next_token_targets
+
         times = []
         for step in range(steps + 1):  # the first step (allocations, lazy state) is not timed
             ids = torch.randint(0, vocab, (micro_batch, seq_len), generator=g)
-            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "targets": ids}
+            mask = torch.ones_like(ids)
+            batch = {"input_ids": ids, "attention_mask": mask, "targets": next_token_targets(ids)}
             start = time.perf_counter()
             train_step(engine, [batch], cfg.train.max_grad_norm)
             if step:

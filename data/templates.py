@@ -1,7 +1,8 @@
 """Turn one data row into token ids and labels, with the loss on the response only by default.
 
-Labels follow the Hugging Face convention: aligned with `input_ids` (the loss function shifts
-them), and -100 wherever no loss is taken.
+Labels follow the Hugging Face convention: aligned with `input_ids`, -100 wherever no loss is
+taken. The collators shift them once, per sample, into the batches' `targets`
+(`TokenizedSample.targets`); no loss shifts again.
 
 A row is rendered to one text and tokenized once, whole: the ids are those inference sees for
 the same text. Which tokens carry the loss follows from character offsets (the response, each

@@ -93,6 +93,29 @@ def test_varlen_on_a_model_that_cannot_take_it_is_a_config_error_and_auto_keeps_
         choose_packed_attention(with_dropout, "varlen", CPU, torch.float32)
 
 
+def test_a_packed_call_that_lost_its_boundaries_fails_instead_of_mixing_samples():
+    """The stand-in mask of a varlen micro-batch, without cu_seq_lens_q, must not reach sdpa
+    as an all-True mask (every token would attend to every other)."""
+    from trainer.model.varlen import stand_in_mask
+
+    model = tiny_llama().eval()
+    choose_packed_attention(model, "varlen", CPU, torch.float32)
+    packed = pack(samples([9, 4, 7]), 16, pad_id=0)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="without its sample boundaries"):
+        model(
+            input_ids=packed["input_ids"],
+            position_ids=packed["position_ids"],
+            attention_mask=stand_in_mask(CPU),
+            use_cache=False,
+        )
+
+
+def test_a_run_without_packing_leaves_the_model_alone():
+    model = tiny_llama(attn_implementation="eager")  # varlen could not take it: no error
+    assert "data.packing=false" in choose_packed_attention(model, None, CPU, torch.float32)
+    assert model.config._attn_implementation == "eager"
+
+
 def test_the_kernel_check_says_why_it_cannot_run_here():
     assert "CUDA" in varlen_problem(CPU, torch.bfloat16, 4, 4)
     if torch.cuda.is_available():
@@ -101,18 +124,35 @@ def test_the_kernel_check_says_why_it_cannot_run_here():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_cuda_kernel_gives_the_masked_logits():
-    """torch's varlen flash kernel in bf16 against the block-diagonal mask (same weights)."""
+@pytest.mark.parametrize("weights", ["bf16", "fp32-autocast"])
+def test_the_cuda_kernel_gives_the_masked_logits(weights, monkeypatch):
+    """torch's varlen flash kernel against the block-diagonal mask (same weights), with bf16
+    weights and with fp32 weights under bf16 autocast (DDP's default, where q and k leave the
+    rotary embedding in fp32): the kernel runs, never the per-sample reference."""
+    import contextlib
+
+    from trainer.model import varlen
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the CUDA path ran the per-sample reference")
+
+    monkeypatch.setattr(varlen, "_per_sample_sdpa", no_reference)
     cuda = torch.device("cuda")
+    dtype = torch.bfloat16 if weights == "bf16" else torch.float32
 
     def build():
-        return tiny_llama(hidden=64, num_key_value_heads=2).to(cuda, torch.bfloat16).eval()
+        return tiny_llama(hidden=64, num_key_value_heads=2).to(cuda, dtype).eval()
 
     masked, model = build(), build()
     why = choose_packed_attention(model, "varlen", cuda, torch.bfloat16)
     assert "flash kernel" in why
     packed = pack(samples([9, 4, 7, 1, 12, 3]), 16, pad_id=0)
-    with torch.no_grad():
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if weights != "bf16"
+        else contextlib.nullcontext()
+    )
+    with torch.no_grad(), autocast:
         got = model(**model_inputs(packed, cuda, "varlen"), use_cache=False).logits.float()
         want = masked(**model_inputs(packed, cuda, "mask"), use_cache=False).logits.float()
     assert float((got - want).abs().max()) <= 0.02 * max(1.0, float(want.abs().max()))

@@ -67,7 +67,7 @@ class DDPBackend:
             loss_chunk_tokens=cfg.train.loss_chunk_tokens,
             grad_reduce_dtype=cfg.train.grad_reduce_dtype,
             compile_blocks=cfg.train.compile,
-            packed_attention=cfg.train.packed_attention,
+            packed_attention=cfg.train.packed_attention if cfg.data.packing else None,
         )
 
     def load_weights(self, engine_dir: Path, model: nn.Module) -> None:

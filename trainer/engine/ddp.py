@@ -57,7 +57,7 @@ class DDPEngine:
         loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         grad_reduce_dtype: str = "fp32",
         compile_blocks: bool = False,
-        packed_attention: str = "mask",
+        packed_attention: str | None = "mask",
     ):
         """`loss_impl`, `loss_chunk_tokens`: train.loss_impl / train.loss_chunk_tokens (see
         trainer.model.loss.build_train_loss). `grad_reduce_dtype`: train.grad_reduce_dtype.

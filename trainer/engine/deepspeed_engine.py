@@ -163,7 +163,7 @@ class DeepSpeedEngine:
         export_trainable_only: bool = False,
         loss_impl: str = "auto",
         loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-        packed_attention: str = "mask",
+        packed_attention: str | None = "mask",
     ):
         """`export_trainable_only`: the run's model is an adapter (LoRA/QLoRA), so
         `full_state_dict_for_export` returns the trainable parameters only (see there).
@@ -440,7 +440,7 @@ def build_deepspeed_engine(cfg: RunConfig, derived: Derived, ctx: DistContext) -
         export_trainable_only=cfg.method != "full",
         loss_impl=cfg.train.loss_impl,
         loss_chunk_tokens=cfg.train.loss_chunk_tokens,
-        packed_attention=cfg.train.packed_attention,
+        packed_attention=cfg.train.packed_attention if cfg.data.packing else None,
     )
 
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from data.loader import MODEL_INPUT_KEYS
 from trainer.model.varlen import NAME as VARLEN
-from trainer.model.varlen import cu_seqlens
+from trainer.model.varlen import cu_seqlens, stand_in_mask
 
 # Architectures whose transformers implementation takes a prepared 4D mask as it is
 # (create_causal_mask) and whose attention is causal over every layer unless the config turns on
@@ -160,7 +160,7 @@ def model_inputs(
         width = int(batch["position_ids"].shape[-1])  # an upper bound of every sample's length
         # A prepared-looking 4D mask: transformers passes it through untouched (and builds
         # none); the varlen attention function does not read it.
-        inputs["attention_mask"] = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
+        inputs["attention_mask"] = stand_in_mask(device)
         inputs.update(
             cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=width, max_length_k=width
         )
@@ -173,15 +173,18 @@ def model_inputs(
 
 
 def choose_packed_attention(
-    model: nn.Module, setting: str, device: torch.device, compute_dtype: torch.dtype
+    model: nn.Module, setting: str | None, device: torch.device, compute_dtype: torch.dtype
 ) -> str:
     """Apply train.packed_attention to `model` (the module the engine wraps): with varlen the
     model's attention implementation becomes fttrain_varlen (sdpa for every call but packed
-    training micro-batches). Returns the reason for the start log. `varlen` on a model that
-    cannot take it is a ConfigError naming the key; `auto` keeps the mask, saying why."""
+    training micro-batches). `setting` None: the run packs nothing (data.packing off), so the
+    model is left alone. Returns the reason for the start log. `varlen` on a model or a device
+    that cannot take it is a ConfigError naming the key; `auto` keeps the mask, saying why."""
     from trainer.config import ConfigError
     from trainer.model import varlen
 
+    if setting is None:
+        return "no packed rows (data.packing=false)"
     key = f"train.packed_attention={setting}"
     if setting == "mask":
         return f"{key}: packed rows get the block-diagonal mask"
@@ -194,7 +197,9 @@ def choose_packed_attention(
         )
     elif getattr(config, "attention_dropout", 0.0):
         problem = f"it applies no attention dropout (the model's is {config.attention_dropout})"
-    elif setting == "auto":
+    elif setting == "auto" or device.type == "cuda":
+        # On CUDA an explicit varlen is checked as auto is: the kernel must run, or the run
+        # would fail at its first packed step.
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

@@ -59,6 +59,12 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     )
 
 
+def next_token_targets(input_ids: torch.Tensor) -> torch.Tensor:
+    """The `targets` of rows whose every token is a label (plain text, no padding): position t
+    is scored on token t + 1, the last position on nothing."""
+    return F.pad(input_ids[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
 def example_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum of the cross-entropy of each example of a classifier's [B, C] logits. `targets`: the
     batch's [B, T] targets, each row's class id at one position and -100 elsewhere (see

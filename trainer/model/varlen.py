@@ -10,9 +10,9 @@ work on pairs across samples (the FLOPs this trainer counts for MFU are the per-
 How it runs: the model keeps transformers' sdpa code for everything, under the name
 `fttrain_varlen` (registered here as an attention function and, with sdpa's own mask builder, as
 a mask function). A packed training micro-batch is given `cu_seq_lens_q` and `max_length_q`
-(computed on the CPU from the collator's position_ids: no host sync) and a 1x1x1x1 stand-in
-mask, which transformers passes through as a prepared mask; the attention function then calls
-torch's varlen kernel. Every other call (padded rows, evaluation, generation) is sdpa as before.
+(computed on the CPU from the collator's position_ids: no host sync) and a stand-in
+mask (empty: one that reached sdpa would fail, not mix samples), which transformers passes
+through as a prepared mask; the attention function then calls torch's varlen kernel. Every other call (padded rows, evaluation, generation) is sdpa as before.
 
 The kernel (`torch.nn.attention.varlen.varlen_attn`, flash attention) exists on CUDA only and
 wants bf16/fp16 inputs. On the CPU, and wherever `train.packed_attention=varlen` is asked for
@@ -61,24 +61,61 @@ def _per_sample_sdpa(
     return out
 
 
-def _kernel_kwargs(num_q_heads: int, num_kv_heads: int) -> dict[str, Any] | None:
-    """Causal (and GQA) arguments for this torch's varlen_attn, or None if it takes neither way
-    of saying causal (its signature changed between releases)."""
-    from torch.nn.attention.varlen import varlen_attn
+try:  # torch >= 2.9; CUDA only
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover - depends on the torch release
+    _varlen_attn = None
 
-    params = inspect.signature(varlen_attn).parameters
-    kwargs: dict[str, Any] = {}
-    if "window_size" in params:
-        kwargs["window_size"] = (-1, 0)
-    elif "is_causal" in params:
-        kwargs["is_causal"] = True
-    else:
-        return None
-    if num_kv_heads != num_q_heads:
-        if "enable_gqa" not in params:
-            return None
-        kwargs["enable_gqa"] = True
-    return kwargs
+# The causal argument of this torch's varlen_attn, found once (its signature changed between
+# releases: `is_causal`, then `window_size`); None: it takes neither. Read by the forward as a
+# plain dict, so that compiled blocks see a constant.
+_CAUSAL: dict[str, Any] | None = None
+_GQA: dict[str, Any] = {}
+if _varlen_attn is not None:
+    _params = inspect.signature(_varlen_attn).parameters
+    if "window_size" in _params:
+        _CAUSAL = {"window_size": (-1, 0)}
+    elif "is_causal" in _params:
+        _CAUSAL = {"is_causal": True}
+    # Grouped-query attention: an explicit flag where this torch has one; older releases hand
+    # the kv heads to the flash kernel as they are, which groups them itself (the self-check,
+    # at the model's head counts, decides whether that works).
+    _GQA = {"enable_gqa": True} if "enable_gqa" in _params else {}
+
+
+def _half_dtype(*tensors: torch.Tensor) -> torch.dtype | None:
+    """The dtype the kernel runs in: autocast's when it is on (q and k come out of the rotary
+    embedding in fp32 under autocast, v in the autocast dtype), else the first bf16/fp16 among
+    the inputs; None if there is none (fp32 compute)."""
+    if torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return next((t.dtype for t in tensors if t.dtype in (torch.bfloat16, torch.float16)), None)
+
+
+def _kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: torch.Tensor,
+    longest: int,
+    scale: float | None,
+) -> torch.Tensor:
+    """torch's varlen flash kernel on [N, H, D] tokens (CUDA), in the half dtype of the run."""
+    dtype = _half_dtype(q, k, v)
+    if _varlen_attn is None or _CAUSAL is None or dtype is None:
+        raise RuntimeError(
+            "train.packed_attention=varlen: torch's varlen kernel cannot run here (no kernel, "
+            "or fp32 compute); set train.packed_attention=mask"
+        )
+    extra = {**_CAUSAL, **(_GQA if k.shape[1] != q.shape[1] else {})}
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    return _varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, **extra)
+
+
+# The attention mask a packed varlen micro-batch carries: empty, so that a call that reached
+# sdpa without its boundaries would fail loudly instead of attending across samples.
+def stand_in_mask(device: torch.device) -> torch.Tensor:
+    return torch.ones((1, 1, 1, 0), dtype=torch.bool, device=device)
 
 
 def varlen_attention_forward(
@@ -96,6 +133,12 @@ def varlen_attention_forward(
     micro-batch) it is sdpa's own function."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
+        if attention_mask is not None and attention_mask.shape[-1] == 0:
+            raise RuntimeError(
+                "a packed micro-batch reached attention without its sample boundaries "
+                "(cu_seq_lens_q): something between the model's forward and its attention "
+                "dropped them; set train.packed_attention=mask"
+            )
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
@@ -112,15 +155,10 @@ def varlen_attention_forward(
     k = key.transpose(1, 2).reshape(batch * width, kv_heads, dim)
     v = value.transpose(1, 2).reshape(batch * width, kv_heads, dim)
     longest = int(kwargs["max_length_q"])  # a Python int (the row width), never a tensor
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        from torch.nn.attention.varlen import varlen_attn
-
-        extra = _kernel_kwargs(q_heads, kv_heads)
-        assert extra is not None  # varlen_problem() refused this torch before
-        out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **extra)
+    if q.is_cuda:
+        out = _kernel(q, k, v, cu, longest, scaling)  # never the reference: it would sync
     else:
-        # The bounds as Python ints: a host read of a CPU tensor (the CUDA path never gets here
-        # in a run that took varlen; see varlen_problem).
+        # The bounds as Python ints: a host read, of a CPU tensor.
         out = _per_sample_sdpa(q, k, v, cu.tolist(), scaling)
     return out.reshape(batch, width, q_heads, dim), None
 
@@ -138,36 +176,40 @@ def varlen_problem(
     device: torch.device, dtype: torch.dtype, num_heads: int, kv_heads: int, head_dim: int = 64
 ) -> str:
     """Why the varlen kernel cannot serve this run ('' if it can): no CUDA, a torch without
-    it, an fp32 compute dtype, or a self-check on the device (at the model's head counts and
-    head size) that differs from sdpa."""
+    it, an fp32 compute dtype, or a self-check on the device that differs from the reference.
+    The check makes the call training makes (`_kernel`, with a scale; q and k in fp32 and v in
+    the compute dtype, as autocast hands them over), at the model's head counts and head size,
+    and compares the output and the gradients of q, k and v."""
     if device.type != "cuda":
         return f"its kernel needs a CUDA device (this run is on {device.type})"
     if dtype not in (torch.bfloat16, torch.float16):
         return f"its kernel needs bf16 or fp16 compute (this run computes in {dtype})"
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
+    if _varlen_attn is None:
         return f"this torch ({torch.__version__}) has no torch.nn.attention.varlen"
-    extra = _kernel_kwargs(num_heads, kv_heads)
-    if extra is None:
-        return f"this torch's ({torch.__version__}) varlen_attn takes no causal/GQA arguments"
+    if _CAUSAL is None:
+        return f"this torch's ({torch.__version__}) varlen_attn takes no causal argument"
     try:
         g = torch.Generator(device=device).manual_seed(0)
-        q = torch.randn(48, num_heads, head_dim, device=device, dtype=dtype, generator=g)
-        k = torch.randn(48, kv_heads, head_dim, device=device, dtype=dtype, generator=g)
-        v = torch.randn(48, kv_heads, head_dim, device=device, dtype=dtype, generator=g)
+        shapes = ((48, num_heads, head_dim), (48, kv_heads, head_dim), (48, kv_heads, head_dim))
+        q, k, v = (torch.randn(*s, device=device, generator=g) for s in shapes)
+        v = v.to(dtype)
         bounds = [0, 5, 29, 48]
         cu = torch.tensor(bounds, dtype=torch.int32, device=device)
-        q.requires_grad_()
-        got = varlen_attn(q, k, v, cu, cu, 24, 24, **extra)
-        got.float().square().sum().backward()  # training needs its backward too
-        got = got.detach().float()
-        want = _per_sample_sdpa(q.detach().float(), k.float(), v.float(), bounds, None)
-        error = float((got - want).abs().max())
-        if q.grad is None or not bool(torch.isfinite(q.grad).all()):
-            return "its kernel's backward gave no finite gradient in a self-check"
+        scale = head_dim**-0.5
+        inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        with torch.autocast("cuda", dtype=dtype):
+            got = _kernel(*inputs, cu, 24, scale)
+        weights = torch.randn(got.shape, device=device, generator=g)
+        (got.float() * weights).sum().backward()
+        ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        want = _per_sample_sdpa(*ref, bounds, scale)
+        (want * weights).sum().backward()
+        errors = [(got.detach().float(), want.detach())] + [
+            (a.grad.float(), b.grad) for a, b in zip(inputs, ref, strict=True)
+        ]
+        error = max(float((a - b).abs().max()) / max(1.0, float(b.abs().max())) for a, b in errors)
     except Exception as e:  # noqa: BLE001 - any failure of the kernel means: keep the mask
         return f"its kernel failed a self-check ({type(e).__name__}: {e})"
-    if error > 0.05:
-        return f"its kernel differs from sdpa by {error:.3g} in a self-check"
+    if not error <= 0.05:  # NaN fails too
+        return f"its kernel differs from the reference by {error:.3g} in a self-check"
     return ""
