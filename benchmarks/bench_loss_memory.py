@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -116,16 +117,9 @@ def _fused_status(impl: str) -> str | None:
     return None
 
 
-def _run(
-    impl: str,
-    vocab: int,
-    seq: int,
-    hidden: int,
-    dtype: str,
-    trainable: bool,
-    chunk: int,
-    batch: int,
-):
+def _run(impl: str, *case: Any) -> dict[str, float]:
+    """`_worker(impl, *case)` in a fresh process (its peak memory is its own); its result."""
+    vocab, seq, hidden, dtype, trainable, chunk, batch = case
     env = dict(
         os.environ,
         MALLOC_TRIM_THRESHOLD_="0",
