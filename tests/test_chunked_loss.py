@@ -410,3 +410,54 @@ def test_fused_kernels_give_one_clear_error_where_they_cannot_run(
         assert "CUDA" in message  # installed, but this machine has no GPU
     else:
         assert f"pip install {package}" in message
+
+
+@pytest.mark.parametrize("loss_impl", ["auto", "naive"])
+def test_an_moe_models_router_loss_is_added_as_hf_adds_it(loss_impl):
+    """Mixtral with output_router_logits: one micro-batch through the engine gives HF's own
+    `loss + router_aux_loss_coef * aux_loss` and its gradients (padded rows: the router loss
+    leaves the pads out through the 2D mask, as in HF)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from data.packing import pad_right
+    from tests.test_attention_inputs import samples
+    from tests.tiny_models import CPU1
+    from trainer.config import OptimConfig, ScheduleConfig
+    from trainer.engine.ddp import DDPEngine
+    from trainer.model.loss import count_target_tokens
+    from trainer.optim import build_optimizer, build_scheduler
+
+    def mixtral():
+        torch.manual_seed(0)
+        cfg = MixtralConfig(
+            vocab_size=60,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            output_router_logits=True,
+            router_aux_loss_coef=0.5,  # large, so that a missing term shows
+        )
+        return MixtralForCausalLM(cfg).float()
+
+    batch = pad_right(samples([9, 4, 7]), pad_id=0)
+    hf = mixtral()
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    out = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+    out.loss.backward()
+    assert float(out.aux_loss.detach()) > 0
+
+    ours = mixtral()
+    opt = build_optimizer(ours, OptimConfig())
+    engine = DDPEngine(
+        ours, opt, build_scheduler(opt, ScheduleConfig(), 4, 0), CPU1, "fp32", loss_impl=loss_impl
+    )
+    assert "router_aux_loss_coef=0.5" in engine.loss.describe()
+    n = float(count_target_tokens(batch["targets"]))
+    loss_sum = engine.forward_backward(batch, torch.tensor(1.0 / n), is_last_micro_step=True)
+    torch.testing.assert_close(loss_sum / n, out.loss.detach(), rtol=1e-5, atol=0)
+    for (name, a), b in zip(ours.named_parameters(), hf.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)

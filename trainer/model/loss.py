@@ -276,14 +276,32 @@ class TrainLoss:
     """The loss of a training micro-step for one model: naive (from the logits the model
     returns) or computed inside the output head (`impl` chunked, liger or cce)."""
 
-    def __init__(self, impl: str, reason: str, head: nn.Linear | None, chunk_tokens: int):
+    def __init__(
+        self,
+        impl: str,
+        reason: str,
+        head: nn.Linear | None,
+        chunk_tokens: int,
+        aux_coef: float = 0.0,
+    ):
         self.impl = impl
         self.reason = reason
         self.head = head
         self.chunk_tokens = chunk_tokens
+        # An MoE model returning its router logits: router_aux_loss_coef, else 0 (see __call__)
+        self.aux_coef = aux_coef
 
     def describe(self) -> str:
         """One line for the log: which path, and why."""
+        line = self._describe()
+        if self.aux_coef:
+            line += (
+                f"; plus router_aux_loss_coef={self.aux_coef:g} x the router's load-balancing "
+                "loss (output_router_logits), weighted by each micro-batch's target tokens"
+            )
+        return line
+
+    def _describe(self) -> str:
         if self.impl == "classification":
             return "loss: cross-entropy per example over the classifier's logits (fp32)"
         if self.impl == "naive":
@@ -302,9 +320,35 @@ class TrainLoss:
             logits = run_model().logits
             return example_loss_sum(logits, targets.to(logits.device, non_blocking=True))
         if self.head is None:
-            logits = run_model().logits
-            return token_loss_sum(logits, targets.to(logits.device, non_blocking=True))
+            out = run_model()
+            logits = out.logits
+            loss = token_loss_sum(logits, targets.to(logits.device, non_blocking=True))
+            return self._with_router_loss(loss, out, targets)
+        loss, out = self._head_loss(run_model, targets)
+        return self._with_router_loss(loss, out, targets)
+
+    def _with_router_loss(
+        self, loss: torch.Tensor, out: Any, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """`loss` (a sum over target tokens) plus, for an MoE model that returns its router
+        logits, router_aux_loss_coef x its load-balancing loss x this micro-batch's target
+        tokens. Divided by the step's target tokens (the loop's normalization) that is, over a
+        step, the token-weighted mean of the micro-batches' router losses: with one
+        micro-batch, HF's `loss + router_aux_loss_coef * aux_loss` exactly."""
+        if not self.aux_coef:
+            return loss
+        aux = getattr(out, "aux_loss", None)
+        if aux is None:
+            return loss
+        tokens = int(count_target_tokens(targets))  # the CPU targets: no sync
+        return loss + (self.aux_coef * tokens) * aux.to(loss.dtype)
+
+    def _head_loss(
+        self, run_model: Callable[[], Any], targets: torch.Tensor
+    ) -> tuple[torch.Tensor, Any]:
+        """The loss computed inside the output head, and the model's output."""
         head = self.head
+        assert head is not None
 
         def head_loss(hidden: torch.Tensor) -> torch.Tensor:
             if self.impl == "chunked":
@@ -328,7 +372,7 @@ class TrainLoss:
             )
         # The tensor the model returned, not the one head_loss made: wrappers (ZeRO-3's
         # pre-backward hook, which gathers the head's weight again) sit between the two.
-        return logits.reshape(())
+        return logits.reshape(()), out
 
 
 @contextlib.contextmanager
@@ -362,7 +406,9 @@ def build_train_loss(
     if is_sequence_classifier(model):
         return TrainLoss("classification", "task=sequence_classification", None, chunk_tokens)
     if loss_impl == "naive":
-        return TrainLoss("naive", "train.loss_impl=naive", None, chunk_tokens)
+        return TrainLoss(
+            "naive", "train.loss_impl=naive", None, chunk_tokens, router_aux_coef(model)
+        )
     if loss_impl in _FUSED_LIBRARIES:
         problem = fused_library_problem(loss_impl, device.type)
         if problem:
@@ -370,13 +416,30 @@ def build_train_loss(
     head, why_not = _plain_head(model, device)
     if head is None:
         if loss_impl == "auto":
-            return TrainLoss("naive", f"train.loss_impl=auto, and {why_not}", None, chunk_tokens)
+            return TrainLoss(
+                "naive",
+                f"train.loss_impl=auto, and {why_not}",
+                None,
+                chunk_tokens,
+                router_aux_coef(model),
+            )
         raise ConfigError(
             [f"train.loss_impl={loss_impl}: {why_not}; use train.loss_impl=auto or naive"]
         )
     impl = "chunked" if loss_impl == "auto" else loss_impl
     reason = f"train.loss_impl={loss_impl}; the output head is a plain Linear"
-    return TrainLoss(impl, reason, head, chunk_tokens)
+    return TrainLoss(impl, reason, head, chunk_tokens, router_aux_coef(model))
+
+
+def router_aux_coef(model: nn.Module) -> float:
+    """router_aux_loss_coef of an MoE model whose config asks for its router logits
+    (output_router_logits; transformers then adds that times the router's load-balancing loss to
+    the loss it computes from `labels`), else 0."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(inner, "config", None)
+    if not getattr(config, "output_router_logits", False):
+        return 0.0
+    return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
 
 
 def fused_library_problem(loss_impl: str, device_type: str) -> str | None:

@@ -118,13 +118,6 @@ def load_model(
     else:
         model = attach_adapters(model, cfg, zero3)
     log_trainable(model, cfg.method)
-    if getattr(getattr(model, "config", None), "output_router_logits", False):
-        # transformers adds router_aux_loss_coef x the router's load-balancing loss to the loss
-        # it computes from `labels`; the trainer computes its own loss from the targets.
-        log.warning(
-            "the model's config sets output_router_logits: its router load-balancing loss is "
-            "not added to the training loss (the cross-entropy alone trains the model)"
-        )
     return model
 
 
