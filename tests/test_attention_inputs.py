@@ -12,8 +12,6 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
-    MixtralConfig,
-    MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -21,6 +19,7 @@ from transformers import (
 from data.packing import pack, pad_right
 from data.templates import TokenizedSample
 from tests.tiny_models import tiny_llama
+from tests.tiny_models import tiny_mixtral as make_tiny_mixtral
 from trainer.model.attention_inputs import model_inputs, packed_causal_mask, plain_causal
 
 CPU = torch.device("cpu")
@@ -114,19 +113,7 @@ def tiny_qwen2(use_sliding_window):
 
 
 def tiny_mixtral(output_router_logits):
-
-    cfg = MixtralConfig(
-        vocab_size=60,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        num_local_experts=2,
-        num_experts_per_tok=1,
-        output_router_logits=output_router_logits,
-    )
-    return MixtralForCausalLM(cfg)
+    return make_tiny_mixtral(output_router_logits=output_router_logits)
 
 
 class RemoteLlama(LlamaForCausalLM):

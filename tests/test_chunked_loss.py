@@ -417,31 +417,22 @@ def test_an_moe_models_router_loss_is_added_as_hf_adds_it(loss_impl):
     """Mixtral with output_router_logits: one micro-batch through the engine gives HF's own
     `loss + router_aux_loss_coef * aux_loss` and its gradients (padded rows: the router loss
     leaves the pads out through the 2D mask, as in HF)."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
     from data.packing import pad_right
     from tests.test_attention_inputs import samples
-    from tests.tiny_models import CPU1
+    from tests.tiny_models import CPU1, tiny_mixtral
     from trainer.config import OptimConfig, ScheduleConfig
     from trainer.engine.ddp import DDPEngine
     from trainer.model.loss import count_target_tokens
     from trainer.optim import build_optimizer, build_scheduler
 
     def mixtral():
-        torch.manual_seed(0)
-        cfg = MixtralConfig(
-            vocab_size=60,
-            hidden_size=32,
-            intermediate_size=64,
+        return tiny_mixtral(
             num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
             num_local_experts=4,
             num_experts_per_tok=2,
             output_router_logits=True,
             router_aux_loss_coef=0.5,  # large, so that a missing term shows
         )
-        return MixtralForCausalLM(cfg).float()
 
     batch = pad_right(samples([9, 4, 7]), pad_id=0)
     hf = mixtral()

@@ -1,9 +1,9 @@
-"""The tiny randomly initialized Llama that unit tests build in-process (no files involved)."""
+"""The tiny randomly initialized models that unit tests build in-process (no files involved)."""
 
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from trainer.dist import DistContext
 
@@ -24,3 +24,20 @@ def tiny_llama(
         **{"num_key_value_heads": heads, **extra},
     )
     return LlamaForCausalLM(cfg).float()
+
+
+def tiny_mixtral(*, seed: int = 0, **extra) -> MixtralForCausalLM:
+    """A seeded fp32 Mixtral (one layer, 2 experts, top-1); extra MixtralConfig fields pass
+    through (output_router_logits, router_aux_loss_coef, ...)."""
+    torch.manual_seed(seed)
+    fields = dict(
+        vocab_size=60,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+    )
+    return MixtralForCausalLM(MixtralConfig(**{**fields, **extra})).float()

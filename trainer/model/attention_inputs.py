@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from data.loader import MODEL_INPUT_KEYS
+from trainer.model import varlen
 from trainer.model.varlen import NAME as VARLEN
 from trainer.model.varlen import cu_seqlens, stand_in_mask
 
@@ -181,7 +182,6 @@ def choose_packed_attention(
     model is left alone. Returns the reason for the start log. `varlen` on a model or a device
     that cannot take it is a ConfigError naming the key; `auto` keeps the mask, saying why."""
     from trainer.config import ConfigError
-    from trainer.model import varlen
 
     if setting is None:
         return "no packed rows (data.packing=false)"
