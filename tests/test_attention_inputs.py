@@ -20,7 +20,12 @@ from data.packing import pack, pad_right
 from data.templates import TokenizedSample
 from tests.tiny_models import tiny_llama
 from tests.tiny_models import tiny_mixtral as make_tiny_mixtral
-from trainer.model.attention_inputs import model_inputs, packed_causal_mask, plain_causal
+from trainer.model.attention_inputs import (
+    attention_mode,
+    model_inputs,
+    packed_causal_mask,
+    plain_causal,
+)
 
 CPU = torch.device("cpu")
 
@@ -37,11 +42,11 @@ def samples(lengths: list[int], vocab: int = 60) -> list[tuple[int, TokenizedSam
 def test_padded_rows_get_transformers_mask_and_the_real_tokens_logits_bitwise():
     model = tiny_llama().eval()
     batch = pad_right(samples([9, 4, 7, 1]), pad_id=0)
-    ours = model_inputs(batch, CPU, build_mask=True)
+    ours = model_inputs(batch, CPU, "mask")
     assert ours["attention_mask"].shape == (4, 1, 9, 9)  # prepared: no check in the forward
     with torch.no_grad():
         got = model(**ours, use_cache=False).logits
-        want = model(**model_inputs(batch, CPU, build_mask=False), use_cache=False).logits
+        want = model(**model_inputs(batch, CPU, "transformers"), use_cache=False).logits
     real = batch["attention_mask"].bool()
     assert torch.equal(got[real], want[real])
     assert torch.isfinite(got).all()  # the pads' queries are not fully masked
@@ -52,26 +57,26 @@ def test_rows_without_padding_match_the_causal_kernel_bitwise():
     model = tiny_llama().eval()
     batch = pad_right(samples([6, 6, 6]), pad_id=0)
     with torch.no_grad():
-        got = model(**model_inputs(batch, CPU, build_mask=True), use_cache=False).logits
+        got = model(**model_inputs(batch, CPU, "mask"), use_cache=False).logits
         want = model(input_ids=batch["input_ids"], use_cache=False).logits
     assert torch.equal(got, want)
 
 
 def test_a_single_row_is_left_to_transformers():
     batch = pad_right(samples([6]), pad_id=0)
-    inputs = model_inputs(batch, CPU, build_mask=True)
+    inputs = model_inputs(batch, CPU, "mask")
     assert torch.equal(inputs["attention_mask"], batch["attention_mask"])
 
 
 def test_packed_rows_get_transformers_block_diagonal_mask_bitwise():
     model = tiny_llama().eval()
     batch = pack(samples([5, 7, 3, 6, 2]), seq_len=12, pad_id=0)
-    ours = model_inputs(batch, CPU, build_mask=True)
+    ours = model_inputs(batch, CPU, "mask")
     mask = ours["attention_mask"]
     assert mask.dtype == torch.bool and mask.shape == (len(batch["input_ids"]), 1, 12, 12)
     with torch.no_grad():
         got = model(**ours, use_cache=False).logits
-        want = model(**model_inputs(batch, CPU, build_mask=False), use_cache=False).logits
+        want = model(**model_inputs(batch, CPU, "transformers"), use_cache=False).logits
     assert torch.equal(got, want)
 
 
@@ -177,7 +182,7 @@ def test_a_sliding_window_model_keeps_transformers_mask():
     """Mistral with a window shorter than the rows: the trainer does not touch its inputs."""
     batch = pad_right(samples([9, 4]), pad_id=0)
     model = tiny_mistral(4)
-    inputs = model_inputs(batch, CPU, plain_causal(model))
+    inputs = model_inputs(batch, CPU, attention_mode(model))
     assert torch.equal(inputs["attention_mask"], batch["attention_mask"])
 
 
@@ -187,7 +192,7 @@ def test_an_moe_model_runs_on_the_inputs_the_engines_give_it(output_router_logit
     transformers' 2D mask, which its load-balancing loss reads, when it does."""
     model = tiny_mixtral(output_router_logits).eval()
     batch = pad_right(samples([9, 4]), pad_id=0)
-    inputs = model_inputs(batch, CPU, plain_causal(model))
+    inputs = model_inputs(batch, CPU, attention_mode(model))
     with torch.no_grad():
         out = model(**inputs, use_cache=False)
         alone = model(input_ids=batch["input_ids"][1:, :4], use_cache=False)

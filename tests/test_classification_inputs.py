@@ -57,7 +57,7 @@ def test_sentence_pairs_train_with_the_segment_ids_the_tokenizer_serves(bert):
     model = BertForSequenceClassification.from_pretrained(bert).eval()
     batch = collate_right_pad(items[:2], 0)
     with torch.no_grad():
-        trained_on = model(**model_inputs(batch, CPU, build_mask=False)).logits
+        trained_on = model(**model_inputs(batch, CPU, "transformers")).logits
         serving = model(
             **tokenizer(
                 [PAIRS[0][0], PAIRS[1][0]],

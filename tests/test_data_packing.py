@@ -186,7 +186,7 @@ def test_a_packed_sample_is_not_scored_on_the_next_samples_first_token():
     Alone, a sample's first label is never a target (nothing predicts it); packed, the last
     token of the sample before it must not be scored on it either: the loss and the scored
     count of a packed row are the sums of its samples' own."""
-    from trainer.model.attention_inputs import model_inputs, plain_causal
+    from trainer.model.attention_inputs import attention_mode, model_inputs
     from trainer.model.loss import count_target_tokens, token_loss_sum
 
     g = torch.Generator().manual_seed(0)
@@ -199,7 +199,7 @@ def test_a_packed_sample_is_not_scored_on_the_next_samples_first_token():
     assert batch["input_ids"].shape[0] == 1, "the test needs the samples in one row"
     model = tiny_llama()
     with torch.no_grad():
-        inputs = model_inputs(batch, torch.device("cpu"), plain_causal(model))
+        inputs = model_inputs(batch, torch.device("cpu"), attention_mode(model))
         packed = token_loss_sum(model(**inputs, use_cache=False).logits, batch["targets"])
         alone = [pack([(i, s)], 64, pad_id=0) for i, s in enumerate(samples)]
         want = sum(

@@ -68,7 +68,7 @@ def test_a_varlen_engine_trains_as_the_masked_one(tmp_path):
         opt = build_optimizer(model, OptimConfig(lr=1e-2))
         sched = build_scheduler(opt, ScheduleConfig(), 4, 0)
         engine = DDPEngine(model, opt, sched, CPU1, "fp32", packed_attention=setting)
-        assert engine._build_mask == ("varlen" if setting == "varlen" else "mask")
+        assert engine._attention == ("varlen" if setting == "varlen" else "mask")
         losses = []
         for lengths in ([9, 4, 7, 1, 12, 3], [5, 5, 11, 2, 8]):
             res = train_step(engine, [pack(samples(lengths), 16, pad_id=0)], 1.0)

@@ -52,12 +52,12 @@ def eval_loss(
     limit = None if max_batches is None else max_batches * batch_size * ctx.world_size
     mine = _my_share(samples, ctx, limit)
     totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-    build_mask = attention_mode(model)  # the training forward's attention inputs, no syncs
+    attention = attention_mode(model)  # the training forward's attention inputs, no syncs
     for start in range(0, len(mine), batch_size):
         batch = collate_right_pad(mine[start : start + batch_size], pad_id)
         targets = batch["targets"].to(ctx.device, non_blocking=True)
         with autocast_context(ctx, precision):
-            inputs = model_inputs(batch, ctx.device, build_mask)
+            inputs = model_inputs(batch, ctx.device, attention)
             logits = model(**inputs, use_cache=False).logits
         totals[0] += token_loss_sum(logits, targets).double()
         totals[1] += count_target_tokens(targets)

@@ -95,10 +95,10 @@ class DDPEngine:
         why = choose_packed_attention(
             model, packed_attention, ctx.device, self.policy.compute_dtype
         )
-        self._build_mask = attention_mode(model)
+        self._attention = attention_mode(model)
         if ctx.is_main:
             log.info("%s", self.loss.describe())
-            log.info("%s (%s)", describe_attention_inputs(self._build_mask), why)
+            log.info("%s (%s)", describe_attention_inputs(self._attention), why)
         if compile_blocks:
             # After build_train_loss: its probe is a no-grad forward, which would otherwise be
             # compiled too, for nothing. Each block is compiled in place (the module objects,
@@ -110,7 +110,7 @@ class DDPEngine:
         self._stager: dcp_io.ReusedStagingBuffers | None = None  # kept across async saves
 
     def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return model_inputs(batch, self.ctx.device, self._build_mask)
+        return model_inputs(batch, self.ctx.device, self._attention)
 
     def _run_model(self, batch: dict[str, torch.Tensor]) -> Any:
         # Through DDP's forward (when distributed): its reducer must see this forward.

@@ -206,15 +206,15 @@ class DeepSpeedEngine:
         self.loss = build_train_loss(self.ds.module, loss_impl, loss_chunk_tokens, ctx.device)
         compute = policy.compute_dtype if policy is not None else torch.float32
         why = choose_packed_attention(self.ds.module, packed_attention, ctx.device, compute)
-        self._build_mask = attention_mode(self.ds.module)
+        self._attention = attention_mode(self.ds.module)
         if ctx.is_main:
             log.info("%s", self.loss.describe())
-            log.info("%s (%s)", describe_attention_inputs(self._build_mask), why)
+            log.info("%s (%s)", describe_attention_inputs(self._attention), why)
 
     # -- the training step --------------------------------------------------------------------
 
     def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return model_inputs(batch, self.ctx.device, self._build_mask)
+        return model_inputs(batch, self.ctx.device, self._attention)
 
     def _run_model(self, batch: dict[str, torch.Tensor]) -> Any:
         # No autocast: under bf16 DeepSpeed holds the module in bf16 itself (fp32 masters in the

@@ -25,7 +25,7 @@ architecture) keeps transformers' own mask construction: correct, with its syncs
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -54,6 +54,11 @@ PLAIN_CAUSAL_TYPES = frozenset(
         "phi3",
     }
 )
+
+# How the engines give a model its attention inputs (attention_mode): "transformers" builds the
+# mask inside the forward; "mask" is the trainer-built 4D mask; "varlen" gives packed rows their
+# samples' boundaries (trainer/model/varlen.py) and padded rows the 4D mask.
+AttentionMode = Literal["transformers", "mask", "varlen"]
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -91,25 +96,23 @@ def plain_causal(model: nn.Module) -> bool:
     return not layer_types or all(t == "full_attention" for t in layer_types)
 
 
-def attention_mode(model: nn.Module) -> str:
-    """How the engines give `model` its attention inputs: "varlen" (packed rows as cu_seqlens,
-    see trainer/model/varlen.py; padded rows as "mask"), "mask" (the trainer-built 4D mask) or
-    "transformers" (transformers builds it)."""
+def attention_mode(model: nn.Module) -> AttentionMode:
+    """How the engines give `model` its attention inputs (AttentionMode), decided once per run."""
     if not plain_causal(model):
         return "transformers"
     config = _base(model).config
     return "varlen" if config._attn_implementation == VARLEN else "mask"
 
 
-def describe_attention_inputs(build_mask: bool | str) -> str:
+def describe_attention_inputs(mode: AttentionMode) -> str:
     """The start line that says who builds the attention mask."""
-    if build_mask == "varlen":
+    if mode == "varlen":
         return (
             "attention inputs: packed rows by variable-length attention (torch's varlen "
             "kernel, per sample, no mask); padded rows with a trainer-built mask; no host sync "
             "in the forward"
         )
-    if build_mask in (True, "mask"):
+    if mode == "mask":
         return (
             "attention mask: built by the trainer on the device (a plain causal decoder under "
             "sdpa): causal with the pads masked, or block-diagonal for packed rows; no host sync "
@@ -141,19 +144,21 @@ def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def model_inputs(
-    batch: dict[str, Any], device: torch.device, build_mask: bool | str
+    batch: dict[str, Any], device: torch.device, mode: AttentionMode
 ) -> dict[str, Any]:
     """The micro-batch's model inputs on `device` (non-blocking copies from pinned memory).
-    `build_mask`: plain_causal(model) or attention_mode(model), decided once per run. True /
-    "mask": the rows carry their 4D mask (causal with padding, or block-diagonal when packed),
-    so the forward does not sync (see the module docstring). "varlen": packed rows carry their
-    samples' boundaries instead (trainer/model/varlen.py), padded rows their 4D mask."""
+    `mode`: attention_mode(model). "mask": the rows carry their 4D mask (causal with padding, or
+    block-diagonal when packed), so the forward does not sync (see the module docstring).
+    "varlen": packed rows carry their samples' boundaries instead (trainer/model/varlen.py),
+    padded rows their 4D mask. "transformers": the batch's own mask, as it is."""
     inputs: dict[str, Any] = {
         k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUT_KEYS if k in batch
     }
-    if build_mask in (False, "transformers"):
+    if mode not in ("mask", "varlen"):
+        if mode != "transformers":
+            raise ValueError(f"attention mode {mode!r}: not one of transformers, mask, varlen")
         return inputs
-    if build_mask == "varlen" and "position_ids" in inputs:
+    if mode == "varlen" and "position_ids" in inputs:
         bounds = cu_seqlens(batch["position_ids"])  # from the CPU positions: no sync
         if device.type == "cuda":
             bounds = bounds.pin_memory()
