@@ -172,8 +172,8 @@ class OptimConfig(Section):
     fused: Literal["auto", "on", "off"] = Field(
         "auto",
         description="torch's fused AdamW kernel (one kernel for all parameters) instead of the "
-        "multi-tensor foreach one. auto = fused when the parameters are on CUDA, foreach "
-        "elsewhere; on = fused on any device (CPU too); off = foreach. Under DeepSpeed with the "
+        "multi-tensor foreach one. auto = fused where the parameters are on CUDA or the CPU, "
+        "foreach elsewhere; on = fused on any device; off = foreach. Under DeepSpeed with the "
         "optimizer offloaded to the CPU, DeepSpeed's CPU Adam is used instead of either.",
     )
 

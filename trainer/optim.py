@@ -41,12 +41,16 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     ]
 
 
+# Where optim.fused=auto takes torch's fused AdamW.
+FUSED_DEVICES = frozenset({"cuda", "cpu"})
+
+
 def use_fused(fused: str, device_type: str) -> bool:
     """Whether `optim.fused` asks for torch's fused AdamW for parameters on `device_type`."""
-    # auto: fused on CUDA, where one kernel launch replaces foreach's several per step.
-    # Elsewhere auto keeps foreach, the path CPU runs have always taken, although on a 2-core
-    # CPU the fused kernel stepped 20M parameters 5x faster (0.03 s vs 0.15 s): `on` asks for it.
-    return fused == "on" or (fused == "auto" and device_type == "cuda")
+    # auto: fused wherever torch has the kernel (CUDA and CPU). On CUDA one launch replaces
+    # foreach's several per step; on the CPU it stepped 17M parameters 4.5x faster than foreach
+    # on one thread (22 ms vs 99 ms, 9% of a benchmark step). Elsewhere (MPS, XPU, ...) foreach.
+    return fused == "on" or (fused == "auto" and device_type in FUSED_DEVICES)
 
 
 def build_optimizer(
