@@ -87,6 +87,42 @@ def test_a_micro_batch_with_only_ignored_labels_gives_zero_loss_and_zero_grads()
     _assert_matches_naive(h, w, b, labels, 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_weights_match_naive_and_take_an_empty_micro_batch(dtype):
+    """bf16-pure (weights and hidden states in bf16, no autocast: gradients taken in the
+    forward, scaled in fp32 in backward) and fp16 (gradients from recomputed logits in backward,
+    the incoming gradient applied before the fp16 cast). Also a micro-batch whose every label
+    is ignored: zero gradients, no error."""
+    h, w, b, labels = _inputs(2, 37, 32, 300)
+    h, w, b = (t.detach().to(dtype).requires_grad_() for t in (h, w, b))
+    labels[0, :7] = IGNORE_INDEX
+    want = _loss_and_grads(lambda: token_loss_sum(F.linear(h, w, b), labels), h, w, b)
+    got = _loss_and_grads(lambda: chunked_token_loss_sum(h, w, labels, b, chunk_tokens=16), h, w, b)
+    assert rel_err(got[0], want[0]) <= 1e-3
+    for name, g, r in zip(("hidden", "weight", "bias"), got[1], want[1], strict=True):
+        assert g.dtype == dtype, name
+        assert rel_err(g.float(), r.float()) <= 2e-2, (name, rel_err(g.float(), r.float()))
+    labels[:] = IGNORE_INDEX
+    loss, grads = _loss_and_grads(
+        lambda: chunked_token_loss_sum(h, w, labels, b, chunk_tokens=16), h, w, b
+    )
+    assert loss.item() == 0.0 and not any(g.any() for g in grads)
+
+
+def test_low_precision_gradients_are_scaled_in_fp32_a_block_of_rows_at_a_time():
+    """A bf16 [V, H] gradient times an fp32 scale, as backward gives it: each element is the
+    fp32 product rounded once, across several blocks of rows (the scale not rounded to bf16)."""
+    from trainer.model.loss import _scale_
+
+    g = torch.Generator().manual_seed(5)
+    grad = torch.randn(10_000, 8, generator=g).to(torch.bfloat16)
+    scale = torch.tensor(1 / 1751)  # not a bf16 number
+    want = (grad.float() * scale).to(torch.bfloat16)
+    assert not torch.equal(want, grad * scale.to(torch.bfloat16))  # what it must not do
+    _scale_(grad, scale, rows=4096)
+    assert torch.equal(grad, want)
+
+
 def test_frozen_head_gets_no_gradient_and_hidden_grads_still_match():
     """LoRA/QLoRA: the head is frozen; its gradient is never computed."""
     h, w, b, labels = _inputs(2, 23, 32, 400)

@@ -108,7 +108,7 @@ class TrainConfig(Section):
         description="How the training loss is computed (trainer/model/loss.py). naive: from the "
         "model's full logits upcast to fp32 (batch x seq x vocab floats, kept until backward); "
         "chunked: from the final hidden states and the output head's weight, "
-        "train.loss_chunk_tokens tokens at a time, recomputed in backward; auto: chunked "
+        "train.loss_chunk_tokens tokens at a time, with their gradients; auto: chunked "
         "where the model's head allows it (a plain Linear whose output the model returns "
         "unchanged), else naive, logged at start; liger / cce: the fused kernels of Liger "
         "Kernel / Cut Cross-Entropy (pip install liger-kernel / cut-cross-entropy; CUDA "

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from data.templates import IGNORE_INDEX
 from trainer.config import ConfigError
@@ -164,15 +165,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     Per chunk, the cross-entropy is computed as F.cross_entropy does (log-softmax: the row max m,
     s = sum(exp(x - m)), loss = log(s) - (x[target] - m)), in place in the chunk's fp32 logits,
-    so that one chunk-sized buffer is all it needs. When a gradient will be asked for, the same
-    buffer then becomes d loss / d logits = softmax - onehot (F.cross_entropy's backward for an
-    incoming gradient of 1), and the chunk's share of grad_hidden = g @ W and grad_W = g.T @ h is
-    taken at once, in the forward: the logits are computed once, not again in backward (one
-    head-sized matmul fewer per token than recomputing them: 7% of the FLOPs of a 17M-parameter
-    Llama with an 8k vocabulary). The gradients are held until backward scales them by the
-    incoming gradient (the loop's 1 / token count, a loss scale): grad_W is the [V, H] tensor
-    backward would have allocated anyway, at the same moment (the head is the forward's last op
-    and backward's first), and grad_hidden replaces the hidden states a recompute would keep."""
+    so that one chunk-sized buffer is all it needs. That buffer then becomes d loss / d logits =
+    softmax - onehot (F.cross_entropy's backward), and the chunk's share of grad_hidden = g @ W
+    and grad_W = g.T @ h is taken from it (`_add_chunk_grads`).
+
+    When: in the forward, as soon as the chunk's logits exist (when a backward can follow), so
+    the logits are computed once, not again in backward: one head-sized matmul fewer per token
+    (7% of the FLOPs of a 17M-parameter Llama with an 8k vocabulary). The gradients wait for
+    backward to scale them by the incoming gradient (the loop's 1 / token count): grad_W is the
+    [V, H] tensor backward would have allocated anyway, at the same moment (the head is the
+    forward's last op and backward's first), and grad_hidden replaces the hidden states a
+    recompute would keep. Under an fp16 compute dtype they are taken in backward instead, from
+    recomputed logits: the GradScaler's scale must reach g before its fp16 cast, so that an
+    overflowing product is one the scaler can shrink (and a small one does not underflow)."""
 
     @staticmethod
     def forward(
@@ -188,17 +193,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         acc_dtype = torch.promote_types(compute_dtype, torch.float32)
         # needs_input_grad says what requires grad, also under no_grad: grad_enabled (taken
         # before apply, as forward runs with grad mode off) says whether a backward can follow.
-        need_hidden, need_weight, need_bias = (grad_enabled and n for n in ctx.needs_input_grad[:3])
+        needs = tuple(grad_enabled and n for n in ctx.needs_input_grad[:3])
+        now = any(needs) and compute_dtype != torch.float16
+        deferred = any(needs) and not now
         w = weight.to(compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        # In the weight's own dtype (what it receives anyway). With an fp32 master and a bf16
-        # compute dtype (autocast) each chunk's product is added from a bf16 temporary;
-        # otherwise it is accumulated in place.
-        grad_weight = torch.zeros_like(weight) if need_weight else None
-        grad_bias = (
-            torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if need_bias else None
-        )
+        grads = _new_grads(hidden, weight, bias, acc_dtype, needs) if now else None
+        if deferred:  # per token m and log(s), for backward's softmax
+            row_max = torch.empty(hidden.shape[0], dtype=acc_dtype, device=hidden.device)
+            log_sum = torch.empty_like(row_max)
         total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             end = start + chunk_tokens
@@ -210,54 +213,125 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             shifted_target = x.gather(1, t[:, None]).squeeze(1).sub_(m)
             sums = x.sub_(m[:, None]).exp_().sum(dim=-1)
             total += (sums.log() - shifted_target).sum()
-            if need_hidden or need_weight or need_bias:
-                g = x.div_(sums[:, None])  # softmax
-                g[torch.arange(t.shape[0], device=t.device), t] -= 1
-                if need_bias:
-                    grad_bias += g.sum(0)
-                g = g.to(compute_dtype)
-                if need_hidden:
-                    grad_hidden[start:end] = g @ w
-                if need_weight:
-                    if grad_weight.dtype == compute_dtype:
-                        grad_weight.addmm_(g.T, h)
-                    else:
-                        grad_weight += g.T @ h
-                del g
+            if now:
+                x.div_(sums[:, None])  # softmax
+                _add_chunk_grads(x, h, t, w, grads, start, compute_dtype)
+            elif deferred:
+                row_max[start:end] = m
+                log_sum[start:end] = sums.log_()
             del x  # before the next chunk's logits are allocated, not after
+        ctx.chunk_tokens, ctx.compute_dtype = chunk_tokens, compute_dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         # On ctx, not save_for_backward: they are neither inputs nor outputs, and backward
         # scales them in place and lets go of them (no second copy of grad_W).
-        ctx.grads = (grad_hidden, grad_weight, grad_bias)
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.grads = grads
+        if deferred:
+            ctx.save_for_backward(hidden, weight, bias, targets, row_max, log_sum)
         return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        if ctx.grads is None:
+        if ctx.grads is None and not ctx.saved_tensors:
             raise RuntimeError(
                 "the chunked loss's backward ran twice on one forward (retain_graph): its "
                 "gradients are taken in the forward and handed over once; use "
                 "train.loss_impl=naive for a graph that is backpropagated more than once"
             )
-        grad_hidden, grad_weight, grad_bias = ctx.grads
-        ctx.grads = None
-        for grad in (grad_hidden, grad_weight, grad_bias):
-            if grad is not None:
-                _scale_(grad, grad_loss)
+        if ctx.grads is not None:
+            grads, ctx.grads = ctx.grads, None
+            for grad in grads:
+                if grad is not None:
+                    _scale_(grad, grad_loss)
+        else:
+            grads = _recomputed_grads(ctx, grad_loss)
+        grad_hidden, grad_weight, grad_bias = grads
         if grad_bias is not None:
             grad_bias = grad_bias.to(ctx.bias_dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
+GradBuffers = list  # [grad_hidden, grad_weight, grad_bias], None where not needed
+
+
+def _new_grads(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    acc_dtype: torch.dtype,
+    needs: tuple[bool, ...],
+) -> GradBuffers:
+    need_hidden, need_weight, need_bias = needs
+    return [
+        torch.empty_like(hidden) if need_hidden else None,
+        # In the weight's own dtype (what it receives anyway). With an fp32 master and a bf16
+        # compute dtype (autocast) each chunk's product is added from a bf16 temporary;
+        # otherwise it is accumulated in place.
+        torch.zeros_like(weight) if need_weight else None,
+        torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if need_bias else None,
+    ]
+
+
+def _add_chunk_grads(
+    softmax: torch.Tensor,
+    h: torch.Tensor,
+    t: torch.Tensor,
+    w: torch.Tensor,
+    grads: GradBuffers,
+    start: int,
+    compute_dtype: torch.dtype,
+    scale: torch.Tensor | None = None,
+) -> None:
+    """One chunk's share of the gradients, from its softmax (clobbered: it becomes g)."""
+    grad_hidden, grad_weight, grad_bias = grads
+    g = softmax
+    g[torch.arange(t.shape[0], device=t.device), t] -= 1
+    if scale is not None:
+        g.mul_(scale)
+    if grad_bias is not None:
+        grad_bias += g.sum(0)
+    g = g.to(compute_dtype)
+    if grad_hidden is not None:
+        grad_hidden[start : start + g.shape[0]] = g @ w
+    if grad_weight is not None:
+        if grad_weight.dtype == compute_dtype:
+            grad_weight.addmm_(g.T, h)
+        else:
+            grad_weight += g.T @ h
+
+
+def _recomputed_grads(ctx: Any, grad_loss: torch.Tensor) -> GradBuffers:
+    """The fp16 path's gradients: each chunk's logits again, softmax from the kept m and
+    log(s), scaled by the incoming gradient before the fp16 matmuls."""
+    hidden, weight, bias, targets, row_max, log_sum = ctx.saved_tensors
+    chunk, compute_dtype = ctx.chunk_tokens, ctx.compute_dtype
+    needs = tuple(ctx.needs_input_grad[:3])
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(compute_dtype)
+        b = None if bias is None else bias.to(compute_dtype)
+        grads = _new_grads(hidden, weight, bias, log_sum.dtype, needs)
+        for start in range(0, hidden.shape[0], chunk):
+            end = start + chunk
+            h = hidden[start:end].to(compute_dtype)
+            # softmax = exp((x - m) - log(s)), in the upcast logits' own memory
+            x = _chunk_logits(h, w, b).to(log_sum.dtype)
+            x.sub_(row_max[start:end, None]).sub_(log_sum[start:end, None]).exp_()
+            _add_chunk_grads(x, h, targets[start:end], w, grads, start, compute_dtype, grad_loss)
+            del x  # before the next chunk's logits are allocated, not after
+    return grads
+
+
 def _scale_(grad: torch.Tensor, scale: torch.Tensor, rows: int = 4096) -> None:
     """grad *= scale (a 0-dim tensor), in place, the product taken in fp32 at least: a device
-    scalar multiplying a bf16/fp16 tensor would be rounded to that dtype first, scaling every
-    element by the same wrong factor (up to 2^-9 off in bf16). A low-precision tensor is scaled a
-    block of rows at a time, so that no full-size fp32 copy of a [V, H] gradient is made."""
+    scalar multiplying a bf16 tensor would be rounded to bf16 first, scaling every element by
+    the same wrong factor (up to 2^-9 off). A low-precision tensor is scaled a block of rows at a
+    time, so that no full-size fp32 copy of a [V, H] gradient is made."""
     if grad.dtype in (torch.float32, torch.float64):
         grad.mul_(scale.to(grad.dtype))
         return
-    flat = grad.view(grad.shape[0], -1) if grad.dim() else grad.view(1)
+    if grad.numel() == 0:  # a micro-batch with no target tokens: [0, H] hidden gradients
+        return
+    flat = grad.view(-1, grad.shape[-1])  # rows of the last dimension (a 1-D bias: one row)
     for start in range(0, flat.shape[0], rows):
         block = flat[start : start + rows]
         block.copy_(block.float().mul_(scale))
