@@ -321,7 +321,7 @@ def _recomputed_grads(ctx: Any, grad_loss: torch.Tensor) -> GradBuffers:
     return grads
 
 
-def _scale_(grad: torch.Tensor, scale: torch.Tensor, rows: int = 4096) -> None:
+def _scale_(grad: torch.Tensor, scale: torch.Tensor, rows: int = 1024) -> None:
     """grad *= scale (a 0-dim tensor), in place, the product taken in fp32 at least: a device
     scalar multiplying a bf16 tensor would be rounded to bf16 first, scaling every element by
     the same wrong factor (up to 2^-9 off). A low-precision tensor is scaled a block of rows at a
