@@ -169,16 +169,27 @@ def test_a_second_backward_of_one_forward_is_refused_in_one_line():
         loss.backward()
 
 
-def test_bf16_autocast_matches_naive_under_autocast():
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ),
+    ],
+)
+def test_bf16_autocast_matches_naive_under_autocast(device):
     """DDP's bf16 path: fp32 master weights, matmuls in bf16 under autocast. The chunked logits
     are computed in bf16 as autocast's Linear would, upcast for the cross-entropy; the weight's
-    gradient comes back in fp32."""
-    h, w, b, labels = _inputs(2, 33, 32, 500)
+    gradient comes back in fp32. On CUDA as well (benchmarks/gpu_checks.sh runs it)."""
+    h, w, b, labels = (t.detach().to(device) for t in _inputs(2, 33, 32, 500))
+    h, w, b = (t.requires_grad_() for t in (h, w, b))
     labels[0, :6] = IGNORE_INDEX
 
     def under_autocast(fn):
         def run():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16):
                 return fn()
 
         return run
