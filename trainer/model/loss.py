@@ -108,7 +108,8 @@ def chunked_token_loss_sum(
     The logits are computed in the compute dtype (the autocast dtype under autocast, else the
     hidden states' dtype), one chunk of `chunk_tokens` target tokens at a time, upcast to fp32
     for the cross-entropy; with grad enabled, each chunk's gradients are taken in the same pass
-    (see _ChunkedLinearCrossEntropy). Returns an fp32 (fp64 for fp64 inputs) scalar."""
+    (in backward, from recomputed logits, under an fp16 compute dtype: see
+    _ChunkedLinearCrossEntropy). Returns an fp32 (fp64 for fp64 inputs) scalar."""
     kept_hidden, kept_targets = _kept_positions(hidden, targets)
     compute_dtype = _compute_dtype(hidden)
     grad_enabled = torch.is_grad_enabled()
