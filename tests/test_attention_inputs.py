@@ -18,7 +18,7 @@ from transformers import (
 
 from data.packing import pack, pad_right
 from data.templates import TokenizedSample
-from tests.tiny_models import tiny_llama
+from tests.tiny_models import TINY_DECODER, tiny_llama
 from tests.tiny_models import tiny_mixtral as make_tiny_mixtral
 from trainer.model.attention_inputs import (
     attention_mode,
@@ -90,26 +90,13 @@ def test_packed_mask_is_causal_within_each_sample_only():
 
 
 def tiny_mistral(sliding_window):
-    cfg = MistralConfig(
-        vocab_size=60,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        sliding_window=sliding_window,
-    )
+    cfg = MistralConfig(**TINY_DECODER, sliding_window=sliding_window)
     return MistralForCausalLM(cfg)
 
 
 def tiny_qwen2(use_sliding_window):
     cfg = Qwen2Config(
-        vocab_size=60,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        **{**TINY_DECODER, "num_hidden_layers": 2},
         use_sliding_window=use_sliding_window,
         sliding_window=8,
         max_window_layers=1,

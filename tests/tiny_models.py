@@ -26,18 +26,20 @@ def tiny_llama(
     return LlamaForCausalLM(cfg).float()
 
 
+# The shape of the one-layer decoders the attention tests build (Mistral, Qwen2, Mixtral).
+TINY_DECODER = dict(
+    vocab_size=60,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+)
+
+
 def tiny_mixtral(*, seed: int = 0, **extra) -> MixtralForCausalLM:
     """A seeded fp32 Mixtral (one layer, 2 experts, top-1); extra MixtralConfig fields pass
     through (output_router_logits, router_aux_loss_coef, ...)."""
     torch.manual_seed(seed)
-    fields = dict(
-        vocab_size=60,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        num_local_experts=2,
-        num_experts_per_tok=1,
-    )
+    fields = {**TINY_DECODER, "num_local_experts": 2, "num_experts_per_tok": 1}
     return MixtralForCausalLM(MixtralConfig(**{**fields, **extra})).float()

@@ -200,7 +200,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         w = weight.to(compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
         grads = _new_grads(hidden, weight, bias, acc_dtype, needs) if now else None
-        if deferred:  # per token m and log(s), for backward's softmax
+        if deferred:
+            # Per token m and log(s), for backward's softmax, kept apart, not as one lse: at
+            # large logits m + log(s) rounds at m's scale, and exp((x - m) - log(s)) would lose
+            # what log_softmax keeps.
             row_max = torch.empty(hidden.shape[0], dtype=acc_dtype, device=hidden.device)
             log_sum = torch.empty_like(row_max)
         total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
@@ -213,13 +216,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             m = x.amax(dim=-1)
             shifted_target = x.gather(1, t[:, None]).squeeze(1).sub_(m)
             sums = x.sub_(m[:, None]).exp_().sum(dim=-1)
-            total += (sums.log() - shifted_target).sum()
+            log_s = sums.log()
+            total += (log_s - shifted_target).sum()
             if now:
                 x.div_(sums[:, None])  # softmax
                 _add_chunk_grads(x, h, t, w, grads, start, compute_dtype)
             elif deferred:
                 row_max[start:end] = m
-                log_sum[start:end] = sums.log_()
+                log_sum[start:end] = log_s
             del x  # before the next chunk's logits are allocated, not after
         ctx.chunk_tokens, ctx.compute_dtype = chunk_tokens, compute_dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -252,7 +256,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
-GradBuffers = list  # [grad_hidden, grad_weight, grad_bias], None where not needed
+# [grad_hidden, grad_weight, grad_bias], None where not needed
+GradBuffers = list[torch.Tensor | None]
 
 
 def _new_grads(
